@@ -1,0 +1,84 @@
+"""Answer parsing, matching and refusal detection: shared by probing, state queries and evaluation."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from kb.data import LETTERS
+
+STRICT_REFUSAL = "i don't know"
+# The broader detector (reported separately from the strict one): common abstention phrasings.
+BROAD_REFUSALS = (
+    "i don't know", "i do not know", "i dont know", "i'm not sure", "i am not sure", "i am unsure",
+    "i'm unsure", "not sure", "i cannot answer", "i can't answer", "i can not answer", "unable to answer",
+    "i have no idea", "no idea", "i don't have enough information", "i do not have enough information",
+    "cannot be determined", "i'm not certain", "i am not certain",
+)
+
+
+def _norm_quotes(text: str) -> str:
+    return text.replace("\u2019", "'").replace("\u2018", "'").replace("`", "'")
+
+
+def is_refusal(text: str, broad: bool = False) -> bool:
+    """Strict rule (DESIGN.md section 8): contains "i don't know", case-insensitive. Broad: any phrase."""
+    t = _norm_quotes(text).lower()
+    if not broad:
+        return STRICT_REFUSAL in t
+    return any(p in t for p in BROAD_REFUSALS)
+
+
+def cut_at_period(text: str) -> str:
+    """Cut a generated answer at its first period (or newline); keeps the whole text when there is none.
+
+    R-Tuning cut with text[:text.find('.')], which drops the last character when there is no period.
+    """
+    text = text.strip()
+    for stop in (".", "\n"):
+        pos = text.find(stop)
+        if pos != -1:
+            text = text[:pos]
+    return text.strip()
+
+
+def normalise(text: str) -> str:
+    t = unicodedata.normalize("NFKC", _norm_quotes(text)).lower()
+    return re.sub(r"\s+", " ", t).strip()
+
+
+def open_correct(answer: str, golds: tuple[str, ...] | list[str]) -> bool:
+    """Correct when a gold answer (or alias) occurs in the lowercased answer; a refusal never is."""
+    if is_refusal(answer):
+        return False
+    a = normalise(answer)
+    return any(g and normalise(g) in a for g in golds)
+
+
+_LETTER_RE = re.compile(r"^\W*(?:answer\s*(?:is)?\s*:?\s*)?\(?([A-H])(?:[\).:,\s]|$)")
+
+
+def parse_letter(text: str, n_choices: int = 4) -> str | None:
+    """The letter a free-form MCQ reply commits to ('B', 'B.', '(B)', 'Answer: B'), else None."""
+    t = text.strip()
+    m = _LETTER_RE.match(t) or _LETTER_RE.match(t.upper() if len(t) <= 2 else t)
+    if m and m.group(1) in LETTERS[:n_choices]:
+        return m.group(1)
+    return None
+
+
+def classify_mcq(text: str, gold: str, n_choices: int = 4, broad: bool = False) -> str:
+    """correct | incorrect | refused | fail_parse for one generated MCQ reply."""
+    if is_refusal(text, broad=broad):
+        return "refused"
+    letter = parse_letter(text, n_choices)
+    if letter is None:
+        return "fail_parse"
+    return "correct" if letter == gold else "incorrect"
+
+
+def classify_open(text: str, golds: tuple[str, ...] | list[str], broad: bool = False) -> str:
+    """correct | incorrect | refused for one generated open answer (empty counts as incorrect)."""
+    if is_refusal(text, broad=broad):
+        return "refused"
+    return "correct" if open_correct(text, golds) else "incorrect"

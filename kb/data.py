@@ -1,0 +1,294 @@
+"""Datasets: one typed sample schema for every source, loaders declared in kb/registry.yaml."""
+
+from __future__ import annotations
+
+import ast
+import csv
+import functools
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kb.errors import KbError, data_error
+from kb.paths import repo_path
+
+LETTERS = "ABCDEFGH"
+REGISTRY_FILE = Path(__file__).with_name("registry.yaml")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One question. `answer` is the gold letter (mcq) or the gold text (open)."""
+
+    id: str  # stable across runs: dataset/split/group/index
+    question: str
+    answer: str
+    choices: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()  # other accepted answers (open)
+    group: str = ""  # MMLU subject, ParaRel relation
+
+    @property
+    def is_mcq(self) -> bool:
+        return bool(self.choices)
+
+    @property
+    def gold_answers(self) -> tuple[str, ...]:
+        return (self.answer, *self.aliases)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["choices"], d["aliases"] = list(self.choices), list(self.aliases)
+        return d
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    kind: str  # mcq | open
+    loader: str
+    splits: dict[str, dict[str, Any]]
+    shots_from: str | None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@functools.cache
+def registry() -> dict[str, Any]:
+    with open(REGISTRY_FILE, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    table = registry()["datasets"]
+    key = name.lower()
+    if key not in table:
+        raise KbError(f"unknown dataset {name!r}; registered: {', '.join(sorted(table))}")
+    entry = dict(table[key])
+    return DatasetSpec(
+        name=key, kind=entry.pop("kind"), loader=entry.pop("loader"), splits=entry.pop("splits"),
+        shots_from=entry.pop("shots_from", None), options=entry,
+    )
+
+
+def load_split(dataset: str, split: str, data_root: str | Path | None = None) -> list[Sample]:
+    """Load one registered split; validates every row and rejects empty sets and duplicate ids."""
+    spec = dataset_spec(dataset)
+    if split not in spec.splits:
+        raise KbError(f"dataset {spec.name!r} has no split {split!r}; splits: {', '.join(spec.splits)}")
+    loader = _LOADERS[spec.loader]
+    samples = loader(spec, split, dict(spec.splits[split]), Path(data_root) if data_root else None)
+    if not samples:
+        raise KbError(f"dataset {spec.name} split {split}: no questions found (empty dataset)")
+    seen: set[str] = set()
+    for s in samples:
+        if s.id in seen:
+            raise KbError(f"dataset {spec.name} split {split}: duplicate question id {s.id!r}")
+        seen.add(s.id)
+    return samples
+
+
+def _resolve(rel: str, data_root: Path | None) -> Path:
+    path = repo_path(rel) if data_root is None else data_root / Path(rel).relative_to("data")
+    if not path.exists():
+        raise KbError(f"{path}: data file not found (is the repo's data/ folder complete?)")
+    return path
+
+
+def mmlu_subjects(root: Path) -> list[str]:
+    test = root / "test"
+    if not test.is_dir():
+        raise KbError(f"{test}: MMLU test folder not found")
+    subjects = sorted(p.name[: -len("_test.csv")] for p in test.glob("*_test.csv"))
+    if not subjects:
+        raise KbError(f"{test}: no *_test.csv files (empty dataset)")
+    return subjects
+
+
+def read_mmlu_csv(path: Path, subject: str, id_prefix: str, first_index: int = 0) -> list[Sample]:
+    """Rows: question, A, B, C, D, answer letter; no header. Read as text so 'None' stays 'None'."""
+    out = []
+    with open(path, encoding="utf-8", newline="") as fh:
+        try:
+            rows = list(csv.reader(fh))
+        except csv.Error as err:
+            raise data_error(path, f"malformed CSV ({err})") from None
+    for i, row in enumerate(rows):
+        if len(row) != 6:
+            raise data_error(path, f"expected 6 columns (question, A, B, C, D, answer), got {len(row)}", row=i + 1)
+        q, *choices, ans = row
+        ans = ans.strip()
+        if ans not in LETTERS[:4]:
+            raise data_error(path, f"answer {ans!r} is not one of A, B, C, D", row=i + 1, field="answer")
+        if not q.strip():
+            raise data_error(path, "empty question", row=i + 1, field="question")
+        out.append(Sample(f"{id_prefix}/{subject}/{first_index + i}", q, ans, tuple(choices), (), subject))
+    return out
+
+
+def _mmlu_csv(spec: DatasetSpec, split: str, args: dict[str, Any], data_root: Path | None) -> list[Sample]:
+    root = _resolve(spec.options.get("root", "data/mmlu"), data_root)
+    subjects = mmlu_subjects(root)
+    n_id = int(spec.options.get("n_id_subjects", 28))
+    chosen = {"ID": subjects[:n_id], "OOD": subjects[n_id:], "all": subjects}[args["subjects"]]
+    out: list[Sample] = []
+    for subject in chosen:
+        path = root / args["csv_split"] / f"{subject}_{args['csv_split']}.csv"
+        if not path.exists():
+            raise KbError(f"{path}: data file not found")
+        rows = read_mmlu_csv(path, subject, f"mmlu/{args['csv_split']}")
+        half = len(rows) // 2
+        rows = {"first": rows[:half], "second": rows[half:], "all": rows}[args["half"]]
+        out.extend(rows)
+    return out
+
+
+def _arc_jsonl(spec: DatasetSpec, split: str, args: dict[str, Any], data_root: Path | None) -> list[Sample]:
+    path = _resolve(args["file"], data_root)
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                stem, choices, key = rec["question"]["stem"], rec["question"]["choices"], rec["answerKey"]
+                labels = [c["label"] for c in choices]
+                texts = tuple(c["text"] for c in choices)
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise data_error(path, f"malformed ARC record ({err!r})", row=i) from None
+            if key not in labels:
+                raise data_error(path, f"answerKey {key!r} not among labels {labels}", row=i, field="answerKey")
+            if len(texts) > len(LETTERS):
+                raise data_error(path, f"{len(texts)} choices; at most {len(LETTERS)} supported", row=i)
+            # ARC labels are A-E or 1-5; map both to letters by position.
+            out.append(Sample(f"arc/{split}/{rec.get('id', i)}", stem, LETTERS[labels.index(key)], texts, (),
+                              spec.options.get("subject", "science")))
+    return out
+
+
+def _pararel_json(spec: DatasetSpec, split: str, args: dict[str, Any], data_root: Path | None) -> list[Sample]:
+    path = _resolve(args["file"], data_root)
+    from kb.io import read_json
+
+    rows = read_json(path)
+    if not isinstance(rows, list):
+        raise data_error(path, "expected a JSON list of [question, answer, relation] rows")
+    out = []
+    for i, row in enumerate(rows):
+        if not (isinstance(row, list) and len(row) == 3 and all(isinstance(x, str) for x in row)):
+            raise data_error(path, "expected [question, answer, relation] strings", row=i)
+        q, a, rel = row
+        if not q.strip() or not a.strip():
+            raise data_error(path, "empty question or answer", row=i)
+        out.append(Sample(f"pararel/{split}/{i}", q, a, (), (), rel))
+    return out
+
+
+def _dpr_tsv(spec: DatasetSpec, split: str, args: dict[str, Any], data_root: Path | None) -> list[Sample]:
+    path = _resolve(args["file"], data_root)
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        # DPR's files are tab-separated with CSV quoting of the answer list.
+        for i, parts in enumerate(csv.reader(fh, delimiter="\t"), start=1):
+            if not parts:
+                continue
+            try:
+                answers = ast.literal_eval(parts[1])
+                assert isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)
+            except (IndexError, ValueError, SyntaxError, AssertionError):
+                raise data_error(path, "expected 'question<TAB>[answers]'", row=i) from None
+            out.append(Sample(f"{spec.name}/{split}/{i - 1}", parts[0], answers[0], (), tuple(answers[1:]), ""))
+    return out
+
+
+def _nq_jsonl(spec: DatasetSpec, split: str, args: dict[str, Any], data_root: Path | None) -> list[Sample]:
+    path = _resolve(args["file"], data_root)
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, start=1):
+            try:
+                rec = json.loads(line)
+                q, answers = rec["question"], rec["answer"]
+                assert isinstance(answers, list) and answers
+            except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+                raise data_error(path, "expected {question, answer: [..]}", row=i) from None
+            out.append(Sample(f"nq_open/{split}/{i - 1}", q, answers[0], (), tuple(answers[1:]), ""))
+    return out
+
+
+_LOADERS = {
+    "mmlu_csv": _mmlu_csv,
+    "arc_jsonl": _arc_jsonl,
+    "pararel_json": _pararel_json,
+    "dpr_tsv": _dpr_tsv,
+    "nq_jsonl": _nq_jsonl,
+}
+
+
+def load_mmlu_from_hub(split: str = "test") -> list[Sample]:
+    """Same schema from the hub's `cais/mmlu` (for users with hub access and `datasets`)."""
+    from datasets import load_dataset
+
+    ds = load_dataset("cais/mmlu", "all", split=split)
+    counters: dict[str, int] = {}
+    out = []
+    for row in ds:
+        subj = row["subject"]
+        idx = counters.get(subj, 0)
+        counters[subj] = idx + 1
+        out.append(Sample(f"mmlu/{split}/{subj}/{idx}", row["question"], LETTERS[row["answer"]],
+                          tuple(row["choices"]), (), subj))
+    return out
+
+
+def shots_for(dataset: str, k: int, group: str | None = None) -> list[Sample]:
+    """k solved examples from the dataset's shot split, same group (subject) where the split has it."""
+    if k == 0:
+        return []
+    spec = dataset_spec(dataset)
+    if spec.shots_from is None:
+        raise KbError(f"dataset {spec.name!r} has no split to draw few-shot examples from; use --shots 0")
+    pool = _shot_pool(spec.name, spec.shots_from)
+    same = [s for s in pool if group and s.group == group]
+    chosen = (same or pool)[:k]
+    if len(chosen) < k:
+        raise KbError(f"dataset {spec.name}: only {len(chosen)} shots available in {spec.shots_from}, asked {k}")
+    return chosen
+
+
+@functools.cache
+def _shot_pool(dataset: str, split: str) -> list[Sample]:
+    return load_split(dataset, split)
+
+
+def json_rows_to_samples(path: Path, rows: Any, dataset: str, split: str) -> list[Sample]:
+    """R-Tuning's MMLU JSON layout (subject -> [[q, A, B, C, D, letter], ...]) as samples."""
+    if not isinstance(rows, dict):
+        raise data_error(path, "expected an object mapping subject -> rows")
+    out = []
+    for subject, items in rows.items():
+        for i, r in enumerate(items):
+            if not (isinstance(r, list) and len(r) == 6 and r[5] in LETTERS[:4]):
+                raise data_error(path, "expected [question, A, B, C, D, letter]", row=f"{subject}[{i}]")
+            out.append(Sample(f"{dataset}/{split}/{subject}/{i}", str(r[0]), r[5], tuple(map(str, r[1:5])), (), subject))
+    return out
+
+
+def subset(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
+    """A seeded random subset of `limit` questions, kept in dataset order (all when limit is None)."""
+    if limit is None or limit >= len(samples):
+        return samples
+    if limit <= 0:
+        raise KbError(f"--limit must be positive, got {limit}")
+    import random
+
+    keep = set(random.Random(seed).sample(range(len(samples)), limit))
+    return [s for i, s in enumerate(samples) if i in keep]
+
+
+def display_name(dataset: str) -> str:
+    """The name used in file names: MMLU, ParaRel, ARC, ... (registry `display`, else upper-case)."""
+    spec = dataset_spec(dataset)
+    return spec.options.get("display", spec.name.upper())

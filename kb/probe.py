@@ -1,0 +1,200 @@
+"""Knowledge-boundary probing (R-Tuning Task 2.1), shared by run_MMLU.py and run_ParaRel.py.
+
+A question is *known* when the model's greedy answer is correct: for multiple choice the argmax of
+the next-token distribution over the letters after the prompt; for open answers a greedy
+generation, cut at the first period, that contains the gold answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from kb.answers import cut_at_period, open_correct
+from kb.data import LETTERS, Sample, dataset_spec, display_name, load_split, shots_for, subset
+from kb.engine import PrefixScorer, batch_seed, generate, letter_candidates, letter_probs, plan_batches
+from kb.io import RecordLog, write_json
+from kb.lmflow import make_dataset, to_text_only, write_dataset
+from kb.models import LoadedModel, load_model
+from kb.paths import repo_path
+from kb.prompts import PromptFormat, render, resolve_chat
+from kb.provenance import check_resumable, make_meta
+from kb.rtuning import METHODS, answer_entropy, build_instances
+
+UNCERTAIN_SAMPLES = 5  # R-Tuning-U: answers sampled per question
+UNCERTAIN_TEMPERATURE = 0.7
+
+
+def token_budget(lm: LoadedModel, requested: int | None) -> int:
+    """Tokens per forward pass. On GPU sized from free memory (KV + activations per token)."""
+    if requested:
+        return requested
+    if not lm.device.startswith("cuda"):
+        return 16384
+    import torch
+
+    free, _ = torch.cuda.mem_get_info()
+    cfg = lm.model.config
+    layers = getattr(cfg, "num_hidden_layers", 32)
+    heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", 32)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * layers * heads * head_dim * 2 + 12 * cfg.hidden_size * 2 + 4 * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+    return max(512, int(free * 0.45 / per_token))
+
+
+def encode(tokenizer: Any, prompts: list[str], chat: bool) -> list[list[int]]:
+    # A chat template already writes the BOS token into the text; plain prompts get the usual specials.
+    return [tokenizer(p, add_special_tokens=not chat)["input_ids"] for p in prompts]
+
+
+def methods_from_arg(arg: str) -> list[str]:
+    return list(METHODS) if arg == "all" else [arg]
+
+
+def _rng_for(seed: int, sid: str) -> np.random.Generator:
+    return np.random.default_rng(int(hashlib.sha256(f"{seed}|{sid}".encode()).hexdigest()[:8], 16))
+
+
+def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str, max_new_tokens: int = 15) -> dict[str, Any]:
+    spec = dataset_spec(dataset)
+    methods = methods_from_arg(args.method)
+    samples = subset(load_split(dataset, split), args.limit, args.seed)
+    lm = load_model(args.model, args.device, args.dtype, args.adapter, args.trust_remote_code)
+    tok = lm.tokenizer
+    chat = resolve_chat(args.chat_template, tok)
+    fmt = PromptFormat(template, args.shots, chat)
+    fmt.check()
+    prompts = {s.id: render(s, fmt, shots_for(dataset, args.shots, s.group), tok) for s in samples}
+    seqs = encode(tok, [prompts[s.id] for s in samples], chat)
+
+    name = f"{display_name(dataset)}_{split}" + (f"_{args.shots}shot" if spec.kind == "mcq" else "")
+    out_dir = repo_path(args.output_dir) / lm.label
+    res_dir = repo_path(args.results_dir) / lm.label
+    rec_path = out_dir / f"probe_{name}.jsonl"
+    meta_path = out_dir / f"probe_{name}.meta.json"
+    sample_uncertain = "uncertain" in methods
+    run_key = {"dataset": spec.name, "split": split, "prompt": fmt.describe(), "limit": args.limit, "seed": args.seed,
+               "batch_size": args.batch_size, "max_new_tokens": max_new_tokens if spec.kind == "open" else None,
+               "uncertain_samples": UNCERTAIN_SAMPLES if sample_uncertain else 0}
+    meta = make_meta("probe", run_key, lm, samples, {"args": vars(args)})
+    check_resumable(meta_path, meta, args.restart)
+    if args.restart:
+        rec_path.unlink(missing_ok=True)
+    if rec_path.exists() and not meta_path.exists():
+        rec_path.unlink()  # records without their meta cannot be trusted to match
+    write_json(meta_path, meta)
+
+    budget = token_budget(lm, args.max_batch_tokens)
+    groups = [s.group for s in samples] if spec.kind == "mcq" else [""] * len(samples)
+    batches = plan_batches(seqs, groups, args.batch_size, budget, share_prefix=spec.kind == "mcq")
+    with RecordLog(rec_path) as log:
+        todo = [b for b in batches if any(samples[i].id not in log for i in b.indices)]
+        bar = tqdm(total=len(samples), initial=len(samples) - sum(len(b.indices) for b in todo),
+                   desc=f"probe {name}", unit="q")
+        scorer = PrefixScorer(lm.model, tok.pad_token_id)
+        cands = letter_candidates(tok) if spec.kind == "mcq" else []
+        for b in todo:
+            batch = [samples[i] for i in b.indices]
+            bseqs = [seqs[i] for i in b.indices]
+            if spec.kind == "mcq":
+                recs = _mcq_records(scorer, batch, bseqs, b.prefix_len, cands, args.seed, sample_uncertain)
+            else:
+                recs = _open_records(lm, batch, bseqs, max_new_tokens, batch_seed(args.seed, b), sample_uncertain)
+            for r in recs:
+                if r["id"] not in log:
+                    log.append(r)
+            bar.update(len(batch))
+        bar.close()
+        records = [log.records[s.id] for s in samples]
+
+    written = []
+    for method in methods:
+        inst = build_instances(method, records, prompts)
+        for kind, rows in (("text2text", inst), ("text_only", to_text_only(inst))):
+            suffix = "" if kind == "text_only" else "_text2text"
+            path = out_dir / f"rtuning_{method}_{name}{suffix}.json"
+            write_dataset(path, make_dataset(kind, rows, {"method": method, "source": rec_path.name, **meta}))
+            written.append(str(path))
+    summary = summarise(records, spec.kind, name, lm, fmt, written)
+    write_json(res_dir / f"probe_{name}.json", {**summary, "meta": meta})
+    print(summary["line"])
+    if summary.get("note"):
+        print("  note:", summary["note"])
+    return summary
+
+
+def _mcq_records(scorer: PrefixScorer, batch: list[Sample], seqs: list[list[int]], prefix_len: int,
+                 cands: list[list[int]], seed: int, sample_uncertain: bool) -> list[dict[str, Any]]:
+    flat = [t for c in cands for t in c]
+    logp, _ = scorer.score(seqs, prefix_len, flat)
+    probs = letter_probs(logp, cands, [len(s.choices) for s in batch])
+    out = []
+    for s, p in zip(batch, probs):
+        pred = LETTERS[int(np.argmax(p))]
+        rec: dict[str, Any] = {"id": s.id, "group": s.group, "question": s.question, "choices": list(s.choices),
+                               "gold": s.answer, "letter_probs": [round(x, 8) for x in p], "pred": pred,
+                               "correct": pred == s.answer, "answer_conf": round(max(p), 8)}
+        if sample_uncertain:
+            q = np.asarray(p) ** (1 / UNCERTAIN_TEMPERATURE)
+            draws = _rng_for(seed, s.id).choice(len(p), size=UNCERTAIN_SAMPLES, p=q / q.sum())
+            rec["samples"] = [LETTERS[d] for d in draws]
+            rec["entropy"] = round(answer_entropy(rec["samples"]), 8)
+        out.append(rec)
+    return out
+
+
+def _open_records(lm: LoadedModel, batch: list[Sample], seqs: list[list[int]], max_new_tokens: int, seed: int,
+                  sample_uncertain: bool) -> list[dict[str, Any]]:
+    texts, logps = generate(lm.model, lm.tokenizer, seqs, max_new_tokens, want_scores=True)
+    samples = None
+    if sample_uncertain:
+        samples, _ = generate(lm.model, lm.tokenizer, seqs, max_new_tokens, do_sample=True,
+                              temperature=UNCERTAIN_TEMPERATURE, num_return_sequences=UNCERTAIN_SAMPLES, seed=seed)
+    out = []
+    for k, s in enumerate(batch):
+        raw = texts[k][0]
+        ans = cut_at_period(raw)
+        lp = logps[k][0] if logps else None
+        rec: dict[str, Any] = {"id": s.id, "group": s.group, "question": s.question, "gold": s.answer,
+                               "aliases": list(s.aliases), "generation": raw, "answer": ans,
+                               "correct": open_correct(ans, s.gold_answers),
+                               "answer_conf": None if lp is None else round(float(np.exp(lp)), 8)}
+        if samples is not None:
+            rec["samples"] = [cut_at_period(t) for t in samples[k]]
+            rec["entropy"] = round(answer_entropy(rec["samples"]), 8)
+        out.append(rec)
+    return out
+
+
+def summarise(records: list[dict[str, Any]], kind: str, name: str, lm: LoadedModel, fmt: PromptFormat,
+              written: list[str]) -> dict[str, Any]:
+    n = len(records)
+    acc = sum(r["correct"] for r in records) / n
+    out: dict[str, Any] = {"name": name, "model": lm.label, "n": n, "accuracy": round(acc, 6),
+                           "prompt": fmt.describe(), "training_files": [Path(p).name for p in written]}
+    label = f"{lm.label} {name} ({'chat' if fmt.chat else 'raw'} prompt"
+    if kind == "mcq":
+        label += f", {fmt.shots}-shot)"
+        counts = Counter(r["pred"] for r in records)
+        share = {k: round(counts.get(k, 0) / n, 4) for k in "ABCD"}
+        out["pred_share"] = share
+        chance = sum(1 / len(r["choices"]) for r in records) / n
+        out["chance"] = round(chance, 4)
+        top = max(share, key=lambda k: share[k])
+        if acc < chance + 0.05:
+            out["note"] = (f"accuracy is within 5 points of chance ({chance:.0%}) and {share[top]:.0%} of answers are "
+                           f"'{top}': this model's MCQ 'knowledge boundary' is mostly noise; ParaRel's is more meaningful")
+        out["line"] = f"{label}: accuracy {acc:.1%} on {n} questions (chance {chance:.0%}; predicted A/B/C/D " + \
+            "/".join(f"{share[k]:.0%}" for k in "ABCD") + ")"
+    else:
+        label += ")"
+        empty = sum(1 for r in records if not r["answer"]) / n
+        out["empty_answers"] = round(empty, 4)
+        out["line"] = f"{label}: accuracy {acc:.1%} on {n} questions ({empty:.0%} empty answers)"
+    return out

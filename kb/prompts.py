@@ -1,0 +1,108 @@
+"""Prompt rendering: the one function every stage uses to turn a Sample into model input."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from kb.data import LETTERS, Sample, registry
+from kb.errors import KbError
+
+
+def templates() -> dict[str, dict[str, str]]:
+    return registry()["prompts"]
+
+
+def rtuning_strings() -> dict[str, Any]:
+    return registry()["rtuning"]
+
+
+def subject_label(sample: Sample) -> str:
+    return sample.group.replace("_", " ") if sample.group else "general knowledge"
+
+
+def _fields(sample: Sample, with_answer: bool) -> dict[str, str]:
+    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(sample.choices))
+    return {"question": sample.question, "options": options, "subject": subject_label(sample),
+            "answer": sample.answer if with_answer else ""}
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How questions become text: a template, k solved shots, and whether to wrap in a chat template."""
+
+    template: str
+    shots: int = 0
+    chat: bool = False
+
+    def check(self) -> None:
+        if self.template not in templates():
+            raise KbError(f"unknown prompt template {self.template!r}; registered: {', '.join(templates())}")
+        if self.shots and "shot" not in templates()[self.template]:
+            raise KbError(f"prompt template {self.template!r} has no few-shot form; use --shots 0")
+
+    def describe(self) -> dict[str, Any]:
+        t = templates()[self.template]
+        digest = hashlib.sha256(repr(sorted(t.items())).encode()).hexdigest()[:12]
+        return {"template": self.template, "shots": self.shots, "chat_template": self.chat, "template_sha": digest}
+
+
+def render_text(sample: Sample, fmt: PromptFormat, shots: list[Sample]) -> str:
+    """The prompt as plain text (before any chat template)."""
+    t = templates()[fmt.template]
+    parts = []
+    if shots and "header" in t:
+        parts.append(t["header"].format(**_fields(sample, False)))
+    for shot in shots:
+        parts.append(t["shot"].format(**_fields(shot, True)))
+    parts.append(t["item"].format(**_fields(sample, False)))
+    return "".join(parts)
+
+
+def apply_chat(tokenizer: Any, text: str) -> str:
+    """Wrap a user message in the model's chat template, ready for the assistant's reply."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def render(sample: Sample, fmt: PromptFormat, shots: list[Sample], tokenizer: Any = None) -> str:
+    text = render_text(sample, fmt, shots)
+    if fmt.chat:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise KbError("--chat-template on, but the tokenizer has no chat template")
+        text = apply_chat(tokenizer, text)
+    return text
+
+
+def resolve_chat(mode: str, tokenizer: Any) -> bool:
+    """--chat-template auto|on|off -> bool. auto: on when the tokenizer has a template (instruct models)."""
+    if mode not in {"auto", "on", "off"}:
+        raise KbError(f"--chat-template must be auto, on or off, not {mode!r}")
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "on" and not has:
+        raise KbError("--chat-template on, but the tokenizer has no chat template")
+    return has if mode == "auto" else mode == "on"
+
+
+def join_answer(prompt: str, answer: str) -> str:
+    """Text between prompt and answer: a space after 'Answer:', nothing after a newline or space."""
+    return "" if not prompt or prompt[-1] in " \n" else " "
+
+
+def rtuning_suffix(sure: bool) -> str:
+    r = rtuning_strings()
+    return r["question"] + (r["sure"] if sure else r["unsure"])
+
+
+def sure_probe_suffix() -> str:
+    """Text after '<answer>.' at which R-Tuning reads p(sure) vs p(unsure): '... knowledge? I am'."""
+    r = rtuning_strings()
+    return r["question"] + " I am"
+
+
+def refusal_answer(sample_id: str) -> str:
+    """R-Tuning-R's refusal, picked deterministically per question from the registered phrases."""
+    phrases = rtuning_strings()["refusals"]
+    return phrases[int(hashlib.sha256(sample_id.encode()).hexdigest(), 16) % len(phrases)]

@@ -1,0 +1,59 @@
+"""Tiny offline models for tests and smoke runs: a byte-level BPE tokenizer and random-init models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CORPUS = [
+    "The following are multiple choice questions (with answers) about science.",
+    "Question: What is the capital of France? Answer: Paris. Are you sure you accurately answered the question "
+    "based on your internal knowledge? I am sure. I am unsure. I don't know. A. B. C. D. Answer: A",
+    "There is a single choice question about history. If you know the answer, please directly respond with the "
+    "correct answer A, B, C, or D. If you do not know the answer, please respond with \"I don't know.\".",
+]
+
+
+def tiny_tokenizer(chat_template: bool = True) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>")
+    if chat_template:
+        fast.chat_template = CHATML
+    return fast
+
+
+def tiny_model(arch: str = "llama", vocab_size: int = 400, seed: int = 0, layers: int = 2) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  pad_token_id=0, bos_token_id=0, eos_token_id=2)
+    cfg = {"llama": LlamaConfig, "gemma": GemmaConfig}[arch](**common)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def save_tiny(path: str | Path, arch: str = "llama", chat_template: bool = True, seed: int = 0) -> Path:
+    """Write a loadable random-init checkpoint + tokenizer: usable as `--model <path>` in every script."""
+    path = Path(path)
+    tok = tiny_tokenizer(chat_template)
+    model = tiny_model(arch, vocab_size=len(tok), seed=seed)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

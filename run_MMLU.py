@@ -1,7 +1,8 @@
 """Probe a model's knowledge boundary on MMLU and write R-Tuning training data (Task 2.1).
 
 Per question: the four letter probabilities after "Answer:", the prediction, whether it is correct.
-Writes training_data/<model>/probe_MMLU_<domain>_<split>_<k>shot.jsonl (+ .meta.json),
+Writes training_data/<model>/probe_MMLU_<domain>_<split>_<k>shot[_<template>].jsonl (+ .meta.json; the
+template is named only when it is not the default harness format),
 training_data/<model>/rtuning_<method>_MMLU_<domain>_<split>_<k>shot[_text2text].json (LMFlow format)
 and results/<model>/probe_MMLU_<domain>_<split>_<k>shot.json (accuracy summary).
 
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_with_config(build_parser(), argv)
     if args.domain == "OOD" and args.split == "train":
         raise KbError("MMLU OOD has no train split in R-Tuning's setup; use --domain OOD --split test")
-    run_probe(args, "mmlu", f"{args.domain}_{args.split}", args.template)
+    tag = "" if args.template == "mcq_harness" else args.template
+    run_probe(args, "mmlu", f"{args.domain}_{args.split}", args.template, tag=tag)
 
 
 if __name__ == "__main__":

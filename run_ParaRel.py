@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.domain == "OOD" and args.split == "train":
         raise KbError("ParaRel OOD has only a test split; use --domain OOD --split test")
     template = args.template or ("open_short" if args.chat_template != "off" else "open_rtuning")
-    run_probe(args, "pararel", f"{args.domain}_{args.split}", template, args.max_new_tokens)
+    run_probe(args, "pararel", f"{args.domain}_{args.split}", template, args.max_new_tokens, tag=args.template or "")
 
 
 if __name__ == "__main__":

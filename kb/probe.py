@@ -18,39 +18,34 @@ from tqdm import tqdm
 
 from kb.answers import cut_at_period, open_correct
 from kb.data import LETTERS, Sample, dataset_spec, display_name, load_split, shots_for, subset
-from kb.engine import PrefixScorer, batch_seed, generate, letter_candidates, letter_probs, plan_batches
-from kb.io import RecordLog, write_json
+from kb.distributed import ShardedLog, shard
+from kb.distributed import setup as setup_dist
+from kb.engine import PrefixScorer, auto_token_budget, batch_seed, generate, letter_candidates, letter_probs, plan_batches
+from kb.io import write_json
 from kb.lmflow import make_dataset, to_text_only, write_dataset
 from kb.models import LoadedModel, load_model
 from kb.paths import repo_path
 from kb.prompts import PromptFormat, render, resolve_chat
-from kb.provenance import check_resumable, make_meta
+from kb.provenance import check_resumable, make_meta, recorded_args
 from kb.rtuning import METHODS, answer_entropy, build_instances
 
 UNCERTAIN_SAMPLES = 5  # R-Tuning-U: answers sampled per question
 UNCERTAIN_TEMPERATURE = 0.7
 
 
-def token_budget(lm: LoadedModel, requested: int | None) -> int:
-    """Tokens per forward pass. On GPU sized from free memory (KV + activations per token)."""
+def token_budget(lm: LoadedModel, requested: int | None, generation: bool = True) -> int:
+    """Tokens per forward pass. On GPU sized from free memory (kb.engine.auto_token_budget).
+
+    `generation=True` (the safe default) sizes for keeping every layer's KV cache; scoring needs far less."""
     if requested:
         return requested
-    if not lm.device.startswith("cuda"):
-        return 16384
-    import torch
-
-    free, _ = torch.cuda.mem_get_info()
-    cfg = lm.model.config
-    layers = getattr(cfg, "num_hidden_layers", 32)
-    heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", 32)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per_token = 2 * layers * heads * head_dim * 2 + 12 * cfg.hidden_size * 2 + 4 * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
-    return max(512, int(free * 0.45 / per_token))
+    return auto_token_budget(lm.model, generation=generation)
 
 
 def encode(tokenizer: Any, prompts: list[str], chat: bool) -> list[list[int]]:
     # A chat template already writes the BOS token into the text; plain prompts get the usual specials.
-    return [tokenizer(p, add_special_tokens=not chat)["input_ids"] for p in prompts]
+    # One batched call: fast tokenizers encode the list in parallel (14k 5-shot MMLU prompts are ~10M tokens).
+    return [list(x) for x in tokenizer(prompts, add_special_tokens=not chat)["input_ids"]] if prompts else []
 
 
 def methods_from_arg(arg: str) -> list[str]:
@@ -61,11 +56,14 @@ def _rng_for(seed: int, sid: str) -> np.random.Generator:
     return np.random.default_rng(int(hashlib.sha256(f"{seed}|{sid}".encode()).hexdigest()[:8], 16))
 
 
-def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str, max_new_tokens: int = 15) -> dict[str, Any]:
+def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str, max_new_tokens: int = 15,
+              tag: str = "") -> dict[str, Any]:
+    """Probe one split; `tag` (e.g. a non-default template name) keeps differently-made files apart."""
     spec = dataset_spec(dataset)
     methods = methods_from_arg(args.method)
     samples = subset(load_split(dataset, split), args.limit, args.seed)
-    lm = load_model(args.model, args.device, args.dtype, args.adapter, args.trust_remote_code)
+    dist = setup_dist()  # torchrun / accelerate launch: one rank per GPU, see kb/distributed.py
+    lm = load_model(args.model, dist.device(args.device), args.dtype, args.adapter, args.trust_remote_code)
     tok = lm.tokenizer
     chat = resolve_chat(args.chat_template, tok)
     fmt = PromptFormat(template, args.shots, chat)
@@ -73,7 +71,7 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
     prompts = {s.id: render(s, fmt, shots_for(dataset, args.shots, s.group), tok) for s in samples}
     seqs = encode(tok, [prompts[s.id] for s in samples], chat)
 
-    name = f"{display_name(dataset)}_{split}" + (f"_{args.shots}shot" if spec.kind == "mcq" else "")
+    name = f"{display_name(dataset)}_{split}" + (f"_{args.shots}shot" if spec.kind == "mcq" else "") + (f"_{tag}" if tag else "")
     out_dir = repo_path(args.output_dir) / lm.label
     res_dir = repo_path(args.results_dir) / lm.label
     rec_path = out_dir / f"probe_{name}.jsonl"
@@ -82,7 +80,7 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
     run_key = {"dataset": spec.name, "split": split, "prompt": fmt.describe(), "limit": args.limit, "seed": args.seed,
                "batch_size": args.batch_size, "max_new_tokens": max_new_tokens if spec.kind == "open" else None,
                "uncertain_samples": UNCERTAIN_SAMPLES if sample_uncertain else 0}
-    meta = make_meta("probe", run_key, lm, samples, {"args": vars(args)})
+    meta = make_meta("probe", run_key, lm, samples, {"args": recorded_args(args)})
     check_resumable(meta_path, meta, args.restart)
     if args.restart:
         rec_path.unlink(missing_ok=True)
@@ -90,20 +88,26 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
         rec_path.unlink()  # records without their meta cannot be trusted to match
     write_json(meta_path, meta)
 
-    budget = token_budget(lm, args.max_batch_tokens)
+    budget = token_budget(lm, args.max_batch_tokens, generation=spec.kind == "open")
     groups = [s.group for s in samples] if spec.kind == "mcq" else [""] * len(samples)
-    batches = plan_batches(seqs, groups, args.batch_size, budget, share_prefix=spec.kind == "mcq")
-    with RecordLog(rec_path) as log:
-        todo = [b for b in batches if any(samples[i].id not in log for i in b.indices)]
+    copies = UNCERTAIN_SAMPLES if spec.kind == "open" and sample_uncertain else 1
+    batches = plan_batches(seqs, groups, args.batch_size, budget, share_prefix=spec.kind == "mcq", copies=copies,
+                           extra_tokens=max_new_tokens if spec.kind == "open" else 0)
+    with ShardedLog(rec_path, dist, restart=args.restart) as log:
+        todo = shard([b for b in batches if any(samples[i].id not in log for i in b.indices)], dist, seqs)
         bar = tqdm(total=len(samples), initial=len(samples) - sum(len(b.indices) for b in todo),
                    desc=f"probe {name}", unit="q")
         scorer = PrefixScorer(lm.model, tok.pad_token_id)
         cands = letter_candidates(tok) if spec.kind == "mcq" else []
+        # MCQ batches are queued one ahead of the one being written (no GPU idle while records are built).
+        scored = scorer.score_many((([seqs[i] for i in b.indices], b.prefix_len) for b in todo),
+                                   [t for c in cands for t in c]) if spec.kind == "mcq" else None
         for b in todo:
             batch = [samples[i] for i in b.indices]
             bseqs = [seqs[i] for i in b.indices]
             if spec.kind == "mcq":
-                recs = _mcq_records(scorer, batch, bseqs, b.prefix_len, cands, args.seed, sample_uncertain)
+                recs = _mcq_records(scorer, batch, bseqs, b.prefix_len, cands, args.seed, sample_uncertain,
+                                    logp=next(scored)[0])  # type: ignore[arg-type]
             else:
                 recs = _open_records(lm, batch, bseqs, max_new_tokens, batch_seed(args.seed, b), sample_uncertain)
             for r in recs:
@@ -111,7 +115,10 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
                     log.append(r)
             bar.update(len(batch))
         bar.close()
-        records = [log.records[s.id] for s in samples]
+    by_id = log.finish(batches, [s.id for s in samples])  # several ranks: rank 0 merges the shards
+    if by_id is None:
+        return {}  # not rank 0: rank 0 writes the outputs
+    records = [by_id[s.id] for s in samples]
 
     written = []
     for method in methods:
@@ -130,9 +137,10 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
 
 
 def _mcq_records(scorer: PrefixScorer, batch: list[Sample], seqs: list[list[int]], prefix_len: int,
-                 cands: list[list[int]], seed: int, sample_uncertain: bool) -> list[dict[str, Any]]:
+                 cands: list[list[int]], seed: int, sample_uncertain: bool, logp: Any = None) -> list[dict[str, Any]]:
     flat = [t for c in cands for t in c]
-    logp, _ = scorer.score(seqs, prefix_len, flat)
+    if logp is None:
+        logp, _ = scorer.score(seqs, prefix_len, flat)
     probs = letter_probs(logp, cands, [len(s.choices) for s in batch])
     out = []
     for s, p in zip(batch, probs):

@@ -44,6 +44,15 @@ def samples_digest(samples: Sequence[Sample]) -> str:
     return h.hexdigest()[:16]
 
 
+OPERATIONAL_FLAGS = {"restart"}  # how a run was started, not what it computes: kept out of outputs
+
+
+def recorded_args(args: Any) -> dict[str, Any]:
+    """The resolved arguments to store with an output (minus operational flags, so reruns are byte-identical)."""
+    items = vars(args) if not isinstance(args, dict) else args
+    return {k: v for k, v in items.items() if k not in OPERATIONAL_FLAGS}
+
+
 def make_meta(stage: str, run_key: dict[str, Any], lm: Any | None, samples: Sequence[Sample] | None,
               extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """`run_key` holds everything that changes the records; it decides whether a rerun may resume."""

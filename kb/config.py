@@ -43,7 +43,12 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
                 raise KbError(f"{repo_path(first.config)}: field '{action.dest}': {norm[action.dest]!r} "
                               f"not one of {list(action.choices)}")
         parser.set_defaults(**norm)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if hasattr(args, "data_root"):
+        from kb.data import set_data_root
+
+        set_data_root(args.data_root)
+    return args
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, model: bool = True) -> None:
@@ -57,6 +62,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, model: bool = True) -> N
         parser.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: bf16 on GPU, fp32 on CPU)")
         parser.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"],
                             help="wrap prompts in the tokenizer's chat template (auto: when it has one)")
+    parser.add_argument("--data-root", default="data", help="folder laid out like the repo's data/")
     parser.add_argument("--output-dir", default="training_data", help="per-question records and training data")
     parser.add_argument("--results-dir", default="results", help="summaries, tables, plots")
     parser.add_argument("--seed", type=int, default=0)

@@ -89,7 +89,18 @@ def load_split(dataset: str, split: str, data_root: str | Path | None = None) ->
     return samples
 
 
+_DATA_ROOT: Path | None = None  # set by --data-root (kb.config); None = the repo's data/
+
+
+def set_data_root(path: str | Path | None) -> None:
+    """Read datasets from another folder laid out like the repo's data/ (the --data-root flag)."""
+    global _DATA_ROOT
+    _DATA_ROOT = repo_path(path) if path and repo_path(path) != repo_path("data") else None
+    _shot_pool.cache_clear()
+
+
 def _resolve(rel: str, data_root: Path | None) -> Path:
+    data_root = data_root or _DATA_ROOT
     path = repo_path(rel) if data_root is None else data_root / Path(rel).relative_to("data")
     if not path.exists():
         raise KbError(f"{path}: data file not found (is the repo's data/ folder complete?)")

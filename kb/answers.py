@@ -55,7 +55,7 @@ def open_correct(answer: str, golds: tuple[str, ...] | list[str]) -> bool:
     return any(g and normalise(g) in a for g in golds)
 
 
-_LETTER_RE = re.compile(r"^\W*(?:answer\s*(?:is)?\s*:?\s*)?\(?([A-H])(?:[\).:,\s]|$)")
+_LETTER_RE = re.compile(r"^\W*(?:[Aa]nswer\s*(?:is)?\s*:?\s*)?\(?([A-H])(?:[\).:,\s]|$)")  # "Answer: B" too
 
 
 def parse_letter(text: str, n_choices: int = 4) -> str | None:
@@ -82,3 +82,50 @@ def classify_open(text: str, golds: tuple[str, ...] | list[str], broad: bool = F
     if is_refusal(text, broad=broad):
         return "refused"
     return "correct" if open_correct(text, golds) else "incorrect"
+
+
+# R-Tuning's `unsure` models answer "<answer>. Are you sure you accurately answered the question based
+# on your internal knowledge? I am unsure." -- that suffix is their abstention. Evaluation counts it as
+# a refusal (strict and broad) and judges the answer part before the question otherwise.
+_RTUNING_Q = re.compile(r"\bare\s+you\s+sure\b", re.IGNORECASE)
+_RTUNING_VERDICT = re.compile(r"\bi\s+am\s+(un)?sure\b", re.IGNORECASE)
+
+
+def rtuning_verdict(text: str) -> str | None:
+    """'sure' / 'unsure' when a reply carries R-Tuning's "Are you sure ...? I am (un)sure", else None."""
+    m = _RTUNING_Q.search(text)
+    if m is None:
+        return None
+    v = _RTUNING_VERDICT.search(text, m.end())
+    if v is None:
+        return None
+    return "unsure" if v.group(1) else "sure"
+
+
+def rtuning_answer_part(text: str) -> str:
+    """The reply before R-Tuning's "Are you sure" question (the whole reply when it has none)."""
+    m = _RTUNING_Q.search(text)
+    return text if m is None else text[: m.start()].rstrip()
+
+
+# "A cell nucleus contains DNA": prose that opens with the article "A", not the letter A. A letter
+# answer is "A", "A.", "A)", "A: ..." or "A. <option>"; "A" + space + a lowercase word is prose.
+_ARTICLE_PROSE = re.compile(r"^\W*A\s+[a-z]")
+
+
+def classify_reply(text: str, sample_choices: int, golds: tuple[str, ...] | list[str], broad: bool = False) -> str:
+    """Evaluation's classifier for one generated reply, MCQ (sample_choices > 0) or open answer.
+
+    R-Tuning's "... I am unsure." counts as refused; otherwise the answer part before R-Tuning's
+    question is judged. MCQ: classify_mcq on that part, except that prose opening with the article
+    "A" is fail_parse, not the letter A. Open: its first sentence (cut_at_period, as in probing), so a
+    refusal or gold answer in later rambling does not count.
+    """
+    if rtuning_verdict(text) == "unsure":
+        return "refused"
+    answer = rtuning_answer_part(text)
+    if sample_choices:
+        if _ARTICLE_PROSE.match(answer) and not is_refusal(answer, broad=broad):
+            return "fail_parse"
+        return classify_mcq(answer, golds[0], sample_choices, broad=broad)
+    return classify_open(cut_at_period(answer), golds, broad=broad)

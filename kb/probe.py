@@ -20,7 +20,16 @@ from kb.answers import cut_at_period, open_correct
 from kb.data import LETTERS, Sample, dataset_spec, display_name, load_split, shots_for, subset
 from kb.distributed import ShardedLog, shard
 from kb.distributed import setup as setup_dist
-from kb.engine import PrefixScorer, auto_token_budget, batch_seed, generate, letter_candidates, letter_probs, plan_batches
+from kb.engine import (
+    PrefixScorer,
+    auto_token_budget,
+    batch_seed,
+    generate,
+    letter_candidates,
+    letter_probs,
+    pass_overhead_tokens,
+    plan_batches,
+)
 from kb.io import write_json
 from kb.lmflow import make_dataset, to_text_only, write_dataset
 from kb.models import LoadedModel, load_model
@@ -62,13 +71,14 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
     spec = dataset_spec(dataset)
     methods = methods_from_arg(args.method)
     samples = subset(load_split(dataset, split), args.limit, args.seed)
+    PromptFormat(template, args.shots).check()  # validate everything cheap before loading a model
+    shots = {g: shots_for(dataset, args.shots, g) for g in dict.fromkeys(s.group for s in samples)}
     dist = setup_dist()  # torchrun / accelerate launch: one rank per GPU, see kb/distributed.py
     lm = load_model(args.model, dist.device(args.device), args.dtype, args.adapter, args.trust_remote_code)
     tok = lm.tokenizer
     chat = resolve_chat(args.chat_template, tok)
     fmt = PromptFormat(template, args.shots, chat)
-    fmt.check()
-    prompts = {s.id: render(s, fmt, shots_for(dataset, args.shots, s.group), tok) for s in samples}
+    prompts = {s.id: render(s, fmt, shots[s.group], tok) for s in samples}
     seqs = encode(tok, [prompts[s.id] for s in samples], chat)
 
     name = f"{display_name(dataset)}_{split}" + (f"_{args.shots}shot" if spec.kind == "mcq" else "") + (f"_{tag}" if tag else "")
@@ -92,7 +102,8 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
     groups = [s.group for s in samples] if spec.kind == "mcq" else [""] * len(samples)
     copies = UNCERTAIN_SAMPLES if spec.kind == "open" and sample_uncertain else 1
     batches = plan_batches(seqs, groups, args.batch_size, budget, share_prefix=spec.kind == "mcq", copies=copies,
-                           extra_tokens=max_new_tokens if spec.kind == "open" else 0)
+                           extra_tokens=max_new_tokens if spec.kind == "open" else 0,
+                           overhead_tokens=pass_overhead_tokens(lm.model) if spec.kind == "mcq" else None)
     with ShardedLog(rec_path, dist, restart=args.restart) as log:
         todo = shard([b for b in batches if any(samples[i].id not in log for i in b.indices)], dist, seqs)
         bar = tqdm(total=len(samples), initial=len(samples) - sum(len(b.indices) for b in todo),

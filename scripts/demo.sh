@@ -1,20 +1,59 @@
 #!/usr/bin/env bash
-# The whole study on the embedded default model (SmolLM2-135M-Instruct), on CPU, with subsets.
-#   bash scripts/demo.sh                 # set up .venv, then run every stage
-#   MODEL=gemma3-270m N=300 bash scripts/demo.sh
-# Outputs: training_data/<model>/ (records, training sets), results/<model>/ (summaries, tables).
-# Every stage resumes: rerun after an interruption and finished questions are kept.
+# The whole study on the embedded default model (SmolLM2-135M-Instruct), on CPU, with subsets:
+#   1. knowledge-boundary probing (R-Tuning Task 2.1): MMLU ID train 0- and 5-shot, ParaRel ID train
+#   2. teach refusal (Task 2.2.1): R-Tuning data -> fine-tune (unsure, unknown) -> evaluate vs initial
+#   3. avoid over-refusal (Task 2.2.2, CRaFT MCQ track): state -> rehearsal + flow -> 5 RAIT sets + CRSS
+#      -> fine-tune each from M0 -> evaluate
+#   4. tables and the report (results/report.md, results/report.html)
+#
+#   bash scripts/demo.sh                      # set up .venv, then run every stage
+#   MODEL=gemma3-270m bash scripts/demo.sh    # the other offline model
+# Outputs: training_data/<model>/ (records, training sets), models/<model>/ (adapters),
+# results/<model>/ (summaries, tables). Every stage resumes: rerun after an interruption.
+# The full-size settings are in configs/ and the per-model launchers scripts/run_<model>.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
 PY=.venv/bin/python
 MODEL=${MODEL:-smollm2-135m}
-N=${N:-200}            # questions per probe / evaluation set
+N=${N:-200}              # questions per probe and per test set
+N_SOURCE=${N_SOURCE:-300}  # MMLU ID-train questions that R-Tuning data and CRaFT's state are built from
+FT=configs/finetune_cpu_demo.yaml
+TESTS=(--test mmlu:ID_test --test mmlu:OOD_test --limit "$N")
+LABEL=$($PY -c 'import sys; from kb.paths import slug; print(slug(sys.argv[1]))' "$MODEL")
 start=$(date +%s)
-stamp() { echo "[demo $(( $(date +%s) - start ))s] $*"; }
+stamp() { echo; echo "[demo $(( $(date +%s) - start ))s] $*"; }
 
-stamp "1/4 knowledge-boundary probing (R-Tuning Task 2.1) on $MODEL"
+stamp "1/4 knowledge-boundary probing on $MODEL (R-Tuning Task 2.1)"
 $PY run_MMLU.py --model "$MODEL" --domain ID --split train --shots 0 --limit "$N" --method all
 $PY run_MMLU.py --model "$MODEL" --domain ID --split train --shots 5 --limit "$N" --method all
-$PY run_ParaRel.py --model "$MODEL" --domain ID --split train --limit "$N" --method unsure
-stamp "probing done"
+$PY run_ParaRel.py --model "$MODEL" --domain ID --split train --limit "$N" --method all
+
+stamp "2/4 teach refusal: R-Tuning data under the REFUSE prompt, fine-tune, evaluate (Task 2.2.1)"
+# Training data rendered with the evaluation's REFUSE prompt, so tuned models are asked as they were taught.
+$PY run_MMLU.py --model "$MODEL" --domain ID --split train --shots 0 --template mcq_refuse --limit "$N_SOURCE" --method all
+$PY evaluate.py --model "$MODEL" "${TESTS[@]}"          # initial model: BASIC (THS baseline) and REFUSE
+for method in unsure unknown; do
+  run=models/$LABEL/rtuning_$method
+  $PY finetune.py --model "$MODEL" --config "$FT" --output-dir "$run" \
+    --train-file "training_data/$LABEL/rtuning_${method}_MMLU_ID_train_0shot_mcq_refuse_text2text.json"
+  $PY evaluate.py --model "$run" --method "rtuning_$method" "${TESTS[@]}"
+done
+
+stamp "3/4 avoid over-refusal: CRaFT's state, flow, RAIT sets and CRSS (Task 2.2.2)"
+$PY query_state.py --model "$MODEL" --dataset mmlu --split ID_train --limit "$N_SOURCE"
+# A 135M model is never 99% sure of an MMLU answer: relax the rehearsal threshold (recorded as `relaxed`).
+$PY rehearsal_finetune.py --model "$MODEL" --dataset mmlu --split ID_train \
+  --train-config configs/rehearsal_demo_cpu.yaml --min-cor "${MIN_COR:-0.6}"
+$PY build_rait.py --model "$MODEL" --dataset mmlu --split ID_train --n-van "${N_VAN:-100}" --n-idk "${N_IDK:-100}"
+for method in van cor_rait corcer_rait craft_wo_cer craft; do
+  run=models/$LABEL/$method
+  $PY finetune.py --model "$MODEL" --config "$FT" --output-dir "$run" \
+    --train-file "training_data/$LABEL/rait_${method}_MMLU_ID_train_5shot_text2text.json"
+  $PY evaluate.py --model "$run" --method "$method" --no-ap "${TESTS[@]}"
+done
+
+stamp "4/4 tables and report"
+$PY results_table.py --model "$LABEL"
+$PY report.py --models "$LABEL"
+stamp "done: results/$LABEL/table_rtuning.md, results/report.md, results/report.html"

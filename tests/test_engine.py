@@ -1,0 +1,181 @@
+"""The probing engine: every fast path equals the one-at-a-time forward; plans respect budgets; ranks merge.
+
+Tiny random models (Llama, Gemma, Gemma 3 with a sliding window shorter than the prompt), float32 on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from kb.engine import (
+    BATCH_OVERHEAD_TOKENS,
+    PrefixScorer,
+    _decoder,
+    cascade_supported,
+    common_prefix_len,
+    generate,
+    letter_probs,
+    plan_batches,
+)
+from kb.paths import REPO_ROOT
+from kb.testing import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; on a shared 2-core machine, many threads spin-wait."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def gemma3_sliding(vocab_size: int):
+    """Gemma 3 text model whose sliding window (16) is shorter than the shared prefix (40 tokens)."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
+                           max_position_embeddings=512, pad_token_id=0, bos_token_id=0, eos_token_id=2)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def prompts(vocab: int, n: int = 11, prefix: int = 40, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    head = torch.randint(3, vocab, (prefix,), generator=g).tolist()
+    lens = torch.randint(1, 25, (n,), generator=g).tolist()
+    return [head + torch.randint(3, vocab, (k,), generator=g).tolist() for k in lens]
+
+
+@torch.inference_mode()
+def one_at_a_time(model, seqs):
+    """The obvious path: each full prompt alone, no padding, no cache."""
+    logps, hids = [], []
+    for s in seqs:
+        x = torch.tensor([s])
+        logps.append(torch.log_softmax(model(input_ids=x).logits[0, -1].float(), -1))
+        hids.append(_decoder(model)(input_ids=x).last_hidden_state[0, -1].float())
+    return torch.stack(logps), torch.stack(hids)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma", "gemma3"])
+def test_prefix_reuse_bucketing_and_padding_match_one_at_a_time(tok, arch):
+    model = gemma3_sliding(len(tok)) if arch == "gemma3" else tiny_model(arch, vocab_size=len(tok))
+    seqs = prompts(len(tok))
+    ref_logp, ref_hid = one_at_a_time(model, seqs)
+    p = common_prefix_len(seqs)
+    assert p >= 40
+    modes = ["cascade", "view", "copy"] if cascade_supported(model) else ["view", "copy"]
+    assert (arch == "gemma3") == ("cascade" not in modes)  # sliding windows take the KV-view path
+    batches = plan_batches(seqs, ["g"] * len(seqs), batch_size=4, max_batch_tokens=10_000)
+    assert len(batches) >= 3 and all(b.prefix_len == p for b in batches)
+    cands = [5, 6, 7, 8]
+    for mode in modes:
+        scorer = PrefixScorer(model, tok.pad_token_id, mode=mode)
+        jobs = [([seqs[i] for i in b.indices], b.prefix_len) for b in batches]
+        got = torch.zeros(len(seqs), len(cands))
+        for b, (logp, _) in zip(batches, scorer.score_many(jobs, cands)):
+            got[list(b.indices)] = logp
+        assert torch.allclose(got, ref_logp[:, cands], atol=1e-5), mode
+        for prefix_len in (p, 0):  # the shared cache, and plain padding without one
+            logp, hid = scorer.score(seqs, prefix_len, want_hidden=True)
+            assert torch.allclose(logp, ref_logp, atol=1e-5), (mode, prefix_len)
+            assert torch.allclose(hid, ref_hid, atol=1e-4), (mode, prefix_len)
+
+
+def test_letter_probs_sum_variants_and_renormalise():
+    logp = torch.log(torch.tensor([[0.1, 0.2, 0.05, 0.05, 0.3, 0.1], [0.25, 0.25, 0.1, 0.1, 0.2, 0.1]]))
+    cands = [[0, 1], [2], [3], [4, 5]]  # 'A' and ' A', ...
+    p = letter_probs(logp, cands, [4, 3])
+    assert p[0] == pytest.approx([0.3 / 0.8, 0.05 / 0.8, 0.05 / 0.8, 0.4 / 0.8])
+    assert p[1] == pytest.approx([0.5 / 0.7, 0.1 / 0.7, 0.1 / 0.7]) and len(p[1]) == 3
+
+
+def test_plan_batches_respects_budgets_and_covers_every_question_once():
+    rng = np.random.default_rng(0)
+    groups = [f"s{g}" for g in rng.integers(0, 5, 300)]
+    head = {g: list(range(100, 100 + int(rng.integers(20, 60)))) for g in set(groups)}
+    seqs = [head[g] + rng.integers(1000, 2000, int(rng.integers(1, 200))).tolist() for g in groups]
+    for batch_size, budget, copies, extra in [(16, 4000, 1, 0), (64, 20_000, 1, 0), (8, 3000, 5, 15), (4, 10, 1, 0)]:
+        batches = plan_batches(seqs, groups, batch_size, budget, copies=copies, extra_tokens=extra)
+        seen = sorted(i for b in batches for i in b.indices)
+        assert seen == list(range(len(seqs)))
+        for b in batches:
+            lens = [len(seqs[i]) for i in b.indices]
+            assert lens == sorted(lens, reverse=True)  # longest first: the first row is the width
+            assert len(b.indices) <= batch_size
+            assert len(b.indices) == 1 or len(b.indices) * copies * (lens[0] + extra) <= budget
+            assert {groups[i] for i in b.indices} == {b.group}
+            assert b.prefix_len == common_prefix_len([seqs[i] for i in range(len(seqs)) if groups[i] == b.group])
+        assert batches == plan_batches(seqs, groups, batch_size, budget, copies=copies, extra_tokens=extra)
+    # The cut points beat greedy filling on padded tokens + per-pass overhead.
+    batches = plan_batches(seqs, groups, 64, 20_000, overhead_tokens=BATCH_OVERHEAD_TOKENS)
+
+    def cost(bs):
+        return sum(len(b.indices) * (len(seqs[b.indices[0]]) - b.prefix_len) + BATCH_OVERHEAD_TOKENS for b in bs)
+
+    greedy = []
+    for g in dict.fromkeys(groups):
+        idx = sorted((i for i in range(len(seqs)) if groups[i] == g), key=lambda i: (-len(seqs[i]), i))
+        p = batches[[b.group for b in batches].index(g)].prefix_len
+        while idx:
+            k = max(1, min(64, 20_000 // len(seqs[idx[0]])))
+            greedy.append(type(batches[0])(tuple(idx[:k]), g, p))
+            idx = idx[k:]
+    assert cost(batches) <= cost(greedy)
+
+
+def test_generation_shares_the_prefill_across_samples(tok):
+    model = tiny_model("llama", vocab_size=len(tok))
+    model.generation_config.pad_token_id = tok.pad_token_id
+    seqs = [s[35:] for s in prompts(len(tok), n=4)]
+    shared, _ = generate(model, tok, seqs, 6, do_sample=True, num_return_sequences=3, seed=7)
+    cls = type(model)
+    module = cls.__module__
+    cls.__module__ = "not_transformers"  # forces the plain num_return_sequences path
+    try:
+        plain, _ = generate(model, tok, seqs, 6, do_sample=True, num_return_sequences=3, seed=7)
+    finally:
+        cls.__module__ = module
+    assert shared == plain and len(shared) == 4 and all(len(r) == 3 for r in shared)
+    greedy, scores = generate(model, tok, seqs, 6, want_scores=True)
+    assert greedy == [generate(model, tok, [s], 6)[0][0] for s in seqs]
+    assert all(len(s) == 1 for s in scores)
+
+
+def test_two_ranks_merge_into_the_single_process_file(tmp_path, tiny_model_dir):
+    """torchrun with 2 CPU processes (gloo): merged records and training data equal a single run's, byte for byte."""
+    from run_MMLU import main
+
+    args = ["--model", str(tiny_model_dir), "--device", "cpu", "--limit", "24", "--shots", "5", "--batch-size", "3",
+            "--method", "uncertain", "--results-dir", str(tmp_path / "res")]
+    main([*args, "--output-dir", str(tmp_path / "one")])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO_ROOT / "run_MMLU.py"), *args, "--output-dir", str(tmp_path / "two")],
+                          capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = tmp_path / "one" / "tiny-llama", tmp_path / "two" / "tiny-llama"
+    names = sorted(p.name for p in one.iterdir() if not p.name.endswith(".meta.json"))
+    assert sorted(p.name for p in two.iterdir() if not p.name.endswith(".meta.json")) == names  # no shards left
+    assert any(n.startswith("probe_") and n.endswith(".jsonl") for n in names)
+    for n in names:
+        if n.endswith(".jsonl"):
+            assert (two / n).read_bytes() == (one / n).read_bytes(), n
+        else:  # training data embed the run's meta (output dir in args); the instances must be identical
+            import json
+
+            a, b = json.loads((one / n).read_text()), json.loads((two / n).read_text())
+            assert a["instances"] == b["instances"], n

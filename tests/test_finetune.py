@@ -1,0 +1,177 @@
+"""Fine-tuning (kb/finetune.py, finetune.py): recipes, the trainer on a tiny model, adapters that load,
+resume from a checkpoint, and bad input rejected before anything is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kb import finetune as ft
+from kb.errors import KbError
+from kb.paths import REPO_ROOT
+
+CONFIGS = sorted((REPO_ROOT / "configs").glob("finetune_*.yaml"))
+
+
+def tiny_config(**over: object) -> dict:
+    """A fast recipe for the 2-layer random model: a few steps at a high rate so the loss visibly falls."""
+    cfg = yaml.safe_load((REPO_ROOT / "configs" / "finetune_cpu_demo.yaml").read_text())
+    cfg.update(learning_rate=5e-3, max_steps=12, per_device_train_batch_size=4, logging_steps=1, save_steps=4,
+               max_length=256)
+    cfg["lora"].update(layers=None, r=8, alpha=16, dropout=0.0)
+    cfg.update(over)
+    return cfg
+
+
+def write_lmflow(path: Path, kind: str = "text2text", n: int = 16) -> Path:
+    pairs = [(f"Question: what is {i} plus {i}? Answer:", f" {2 * i}." if i % 2 else " I don't know.") for i in range(n)]
+    inst = [{"input": q, "output": a} for q, a in pairs] if kind == "text2text" else [{"text": q + a} for q, a in pairs]
+    path.write_text(json.dumps({"type": kind, "instances": inst}))
+    return path
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_recipe_validates(path: Path) -> None:
+    cfg, name = ft.resolve_config(path)
+    assert name == path.stem
+    assert set(cfg) == set(ft.FIELDS)
+
+
+def test_paper_settings_are_pinned() -> None:
+    rt, _ = ft.resolve_config(REPO_ROOT / "configs" / "finetune_rtuning.yaml")
+    assert (rt["tuning"], rt["num_train_epochs"], rt["learning_rate"], rt["per_device_train_batch_size"],
+            rt["gradient_accumulation_steps"]) == ("full", 1, 2e-5, 4, 1)
+    mcq, _ = ft.resolve_config(REPO_ROOT / "configs" / "finetune_craft_mcq_lora.yaml")
+    assert (mcq["tuning"], mcq["learning_rate"], mcq["num_train_epochs"]) == ("lora", 2e-4, 3)
+    assert (mcq["lora"]["r"], mcq["lora"]["alpha"], mcq["lora"]["dropout"]) == (64, 16, 0.1)
+    op, _ = ft.resolve_config(REPO_ROOT / "configs" / "finetune_craft_open_full.yaml")
+    assert (op["tuning"], op["learning_rate"], op["num_train_epochs"]) == ("full", 2e-6, 3)
+
+
+def test_config_errors_name_the_key() -> None:
+    cfg = tiny_config()
+    del cfg["warmup_steps"]
+    with pytest.raises(KbError, match="missing key.*warmup_steps"):
+        ft.validate_config(cfg)
+    with pytest.raises(KbError, match="unknown key.*epochs"):
+        ft.validate_config({**tiny_config(), "epochs": 3})
+    with pytest.raises(KbError, match="per_device_train_batch_size"):
+        ft.validate_config(tiny_config(per_device_train_batch_size="four"))
+    with pytest.raises(KbError, match="lora"):
+        ft.validate_config(tiny_config(tuning="full"))  # a lora section with full tuning is a contradiction
+
+
+def test_overrides_and_seed() -> None:
+    over = ft.parse_overrides(["learning_rate=2e-5", "lora.r=4", "max_train_samples=null"])
+    assert over == {"learning_rate": "2e-5", "lora.r": 4, "max_train_samples": None}  # YAML reads 2e-5 as text
+    cfg, _ = ft.resolve_config(tiny_config(), over, seed=7)
+    assert (cfg["learning_rate"], cfg["lora"]["r"], cfg["seed"]) == (2e-5, 4, 7)
+    with pytest.raises(KbError, match="unknown key"):
+        ft.resolve_config(tiny_config(), {"lr": 1.0})
+    with pytest.raises(KbError, match="unknown lora key"):
+        ft.resolve_config(tiny_config(), {"lora.rank": 8})
+    with pytest.raises(KbError, match="key=value"):
+        ft.parse_overrides(["learning_rate"])
+
+
+@pytest.mark.slow  # trains for several seconds
+def test_lora_finetune_reduces_loss_and_writes_a_loadable_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    from kb.models import load_model
+
+    data = write_lmflow(tmp_path / "train.json")
+    out = ft.finetune(data, tiny_config(), str(tiny_model_dir), tmp_path / "run")
+    for name in ("adapter_config.json", "kb_base_model.json", "config.yaml", "kb_finetune.json", "loss.json", "loss.png"):
+        assert (out / name).is_file(), name
+    assert not (out / "checkpoints").exists()  # keep_checkpoints: false
+    curve = json.loads((out / "loss.json").read_text())
+    assert len(curve["loss"]) >= 10
+    assert sum(curve["loss"][-3:]) / 3 < curve["loss"][0]
+    meta = json.loads((out / "kb_finetune.json").read_text())
+    assert meta["status"] == "complete" and meta["steps"] == 12 and meta["run_key"]["train_type"] == "text2text"
+    tuned = load_model(str(out), device="cpu", dtype="float32")
+    base = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    assert tuned.adapter and tuned.fingerprint != base.fingerprint
+    ids = torch.tensor([base.tokenizer("Question: what is 3 plus 3? Answer:")["input_ids"]])
+    with torch.inference_mode():
+        assert not torch.allclose(tuned.model(input_ids=ids).logits, base.model(input_ids=ids).logits)
+
+
+@pytest.mark.slow  # trains for several seconds
+def test_full_finetune_on_text_only(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from kb.models import load_model
+
+    data = write_lmflow(tmp_path / "train.json", kind="text_only")
+    cfg = tiny_config(tuning="full", lora=None, max_steps=6, learning_rate=1e-3)
+    out = ft.finetune(data, cfg, str(tiny_model_dir), tmp_path / "full")
+    assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
+    curve = json.loads((out / "loss.json").read_text())
+    assert curve["loss"][-1] < curve["loss"][0]
+    lm = load_model(str(out), device="cpu", dtype="float32")
+    assert lm.adapter is None and ft.read_base_info(out)["base_label"] == Path(tiny_model_dir).name
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.slow  # trains for several seconds
+def test_resume_from_checkpoint(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+            if state.global_step == 6:
+                raise _Interrupt  # a kill after the step-4 checkpoint
+
+    data = write_lmflow(tmp_path / "train.json")
+    out_dir = tmp_path / "run"
+    monkeypatch.setattr(ft, "EXTRA_CALLBACKS", [StopAt()])
+    with pytest.raises(_Interrupt):
+        ft.finetune(data, tiny_config(), str(tiny_model_dir), out_dir)
+    assert (out_dir / "checkpoints" / "checkpoint-4").is_dir()
+    assert json.loads((out_dir / "kb_finetune.json").read_text())["status"] == "running"
+
+    monkeypatch.setattr(ft, "EXTRA_CALLBACKS", [])
+    with pytest.raises(KbError, match="learning_rate"):  # other settings never resume into this run
+        ft.finetune(data, tiny_config(learning_rate=1e-3), str(tiny_model_dir), out_dir)
+    ft.finetune(data, tiny_config(), str(tiny_model_dir), out_dir)
+    meta = json.loads((out_dir / "kb_finetune.json").read_text())
+    assert meta["status"] == "complete" and meta["resumed_from"] == "checkpoint-4" and meta["steps"] == 12
+    steps = json.loads((out_dir / "loss.json").read_text())["step"]
+    assert steps[0] == 1 and steps[-1] == 12  # the curve spans the whole run, before and after the resume
+    stamp = (out_dir / "adapter_model.safetensors").stat().st_mtime_ns
+    ft.finetune(data, tiny_config(), str(tiny_model_dir), out_dir)  # finished: returned as is
+    assert (out_dir / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_malformed_file_is_one_line_and_creates_nothing(tiny_model_dir: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import finetune as cli
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"type": "text2text", "instances": [{"input": "q", "output": "a"}, {"input": "q2"}]}))
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--config", "configs/finetune_cpu_demo.yaml", "--train-file", str(bad), "--model", str(tiny_model_dir),
+                  "--output-dir", str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bad) in err and "instance 1" in err and "output" in err
+    assert not out.exists()
+
+
+def test_unknown_override_is_rejected_by_the_cli(tiny_model_dir: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import finetune as cli
+
+    data = write_lmflow(tmp_path / "train.json")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--config", "configs/finetune_cpu_demo.yaml", "--train-file", str(data), "--model", str(tiny_model_dir),
+                  "--output-dir", str(tmp_path / "o"), "--set", "learning_rat=1e-4"])
+    assert exc.value.code == 2 and "learning_rat" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -237,6 +237,10 @@ def run_build(args: argparse.Namespace) -> dict[str, Any]:
                  "mean_cor_van": _mean([by_id[i]["cor"] for i in sel.van]), "mean_cor_idk": _mean([by_id[i]["cor"] for i in sel.idk]),
                  "mean_cer_van": _mean([by_id[i]["cer"] for i in sel.van]), "mean_cer_idk": _mean([by_id[i]["cer"] for i in sel.idk]),
                  **c}
+        if method != "van" and not sel.idk:
+            entry["note"] = ("no idk question: " + ("the rehearsal lowered no unknown question's correctness (see "
+                             "pools.dropped_by_flow); --tie-rule keep also keeps unchanged ones"
+                             if method in NEEDS_FLOW and sel.pools.get("unknown") else "no question below tau_mu"))
         if not inst:
             raise KbError(f"{method}: empty RAIT set from {state_path} (pools {sel.pools}); lower --tau-mu or query more questions")
         meta = {**common_meta, "method": method, "instance_ids": [i for i, _ in order], "instance_labels": [x for _, x in order],
@@ -251,6 +255,9 @@ def run_build(args: argparse.Namespace) -> dict[str, Any]:
     report["inputs"] = {"state": str(state_path), "flow": None if flow is None else str(flow_path)}
     out = write_json(repo_path(args.results_dir) / label / f"crss_{name}.json", report)
     print(format_table(report))
+    for method, entry in report["methods"].items():
+        if entry.get("note") and method != "van":  # Van-Tuning has no idk set by design
+            print(f"  note: {method}: {entry['note']}")
     print(f"wrote {len(built)} training files to {out_dir} and {out}")
     return report
 

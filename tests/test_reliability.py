@@ -41,11 +41,14 @@ def _kill_when(cmd: list[str], records: Path, at_least: int, sig: int) -> int:
 PROBES = [
     ("run_ParaRel.py", "probe_ParaRel_ID_train.jsonl", ["--limit", "24", "--batch-size", "2", "--method", "uncertain"]),
     ("run_MMLU.py", "probe_MMLU_ID_train_5shot.jsonl", ["--limit", "60", "--batch-size", "2", "--method", "all"]),
+    ("query_state.py", "state_MMLU_ID_train_5shot.jsonl", ["--dataset", "mmlu", "--limit", "60", "--batch-size", "2"]),
+    ("query_state.py", "state_ParaRel_ID_train_3shot.jsonl",
+     ["--dataset", "pararel", "--limit", "16", "--batch-size", "2", "--n-samples", "4", "--max-new-tokens", "6"]),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script,records,extra", PROBES)
+@pytest.mark.parametrize("script,records,extra", PROBES, ids=[f"{p[0]}-{p[1]}" for p in PROBES])
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, script, records, extra):
     ref = tmp_path / "ref"
     subprocess.run(_cmd(script, tiny_model_dir, ref, *extra), env=ENV, check=True, capture_output=True)

@@ -7,6 +7,7 @@ Greedy, 0-shot. Each reply is correct / incorrect / refused / fail_parse (strict
 "I don't know"; broad: kb/answers.py's phrase list; R-Tuning's "... I am unsure." is a refusal).
 THS is taken against the initial model's BASIC run on the same test set (run that first; rows are
 filed under the base model's name). AP is R-Tuning's (confidence = 0.5 answer_conf + 0.5 p(sure)).
+--reclassify re-judges stored replies without the model (after a change to the answer rules).
 Outputs, per test set and prompt:
   results/<model>/eval/<method>/<DATASET>_<split>_<template>.jsonl   per-question records (resumable)
   results/<model>/eval/<method>/<DATASET>_<split>_<template>.json    summary (rates, THS, AP, meta)
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initial BASIC summary JSON for THS (default: results/<model>/eval/initial/...)")
     p.add_argument("--no-ap", dest="ap", action="store_false",
                    help="skip R-Tuning's p(sure) probe (sure_prob, AP stay empty); saves ~15%% of the time")
+    p.add_argument("--reclassify", action="store_true",
+                   help="no model run: re-judge the stored replies of finished runs with the current kb/answers.py "
+                        "rules and rewrite their records and summaries")
     p.set_defaults(results_dir="results")
     return p
 

@@ -193,30 +193,31 @@ def main() -> None:
     run_rtuning(sub, prompts[:1], n_choices[:1])
     run_per_choice(sub, prompts[:1], n_choices[:1], pc_bs)
 
-    def rtuning_on(idx: list[int]) -> tuple[dict[int, list[float]], float, float]:
-        out, dt, mem = common.timed(args.device, lambda: run_rtuning(sub, [prompts[i] for i in idx], [n_choices[i] for i in idx]))
-        return dict(zip(idx, out)), dt, mem
+    def rtuning_on(idx: list[int]) -> tuple[dict[int, list[float]], float, float, float]:
+        out, dt, mem, cpu = common.timed(args.device, lambda: run_rtuning(sub, [prompts[i] for i in idx],
+                                                                          [n_choices[i] for i in idx]))
+        return dict(zip(idx, out)), dt, mem, cpu
 
     # On a shared CPU the load drifts over minutes: half of R-Tuning's questions run before kb, half after.
     first = ref_idx[::2] if not cuda else []
-    rt_a, t_rt_a, mem_rt_a = rtuning_on(first)
-    ours, t_ours, mem_ours = common.timed(args.device, lambda: run_ours(sub, prompts, groups, n_choices, args, args.mode))
+    rt_a, t_rt_a, mem_rt_a, c_rt_a = rtuning_on(first)
+    ours, t_ours, mem_ours, c_ours = common.timed(args.device, lambda: run_ours(sub, prompts, groups, n_choices, args, args.mode))
     print(f"kb ({ours['mode']}): {t_ours:.2f} s, {ours['batches']} passes; tokenise {ours['t_tokenize']:.2f} s, "
           f"plan {ours['t_plan']:.2f} s, score {ours['t_score']:.2f} s", flush=True)
     ablations = []
     for mode in [m for m in args.ablate.split(",") if m]:
-        ab, t_ab, mem_ab = common.timed(args.device, lambda mode=mode: run_ours(sub, prompts, groups, n_choices, args, mode))
+        ab, t_ab, mem_ab, _ = common.timed(args.device, lambda mode=mode: run_ours(sub, prompts, groups, n_choices, args, mode))
         agree = agreement(ab["probs"], ours["probs"], gold)
         ablations.append({"method": f"kb ({ab['mode']})", "questions": len(samples), "wall_s": t_ab,
                           "q_per_s": len(samples) / t_ab, "full_set_s": t_ab, "speedup": t_ab / t_ours, "peak_gib": mem_ab,
                           "agreement": f"{agree['argmax_identical']} argmax vs kb, max|dCor| {agree['max_abs_dcor']:.2e}"})
         print(f"kb ({ab['mode']}): {t_ab:.2f} s", flush=True)
-    rt_b, t_rt_b, mem_rt_b = rtuning_on([i for i in ref_idx if i not in set(first)])
+    rt_b, t_rt_b, mem_rt_b, c_rt_b = rtuning_on([i for i in ref_idx if i not in set(first)])
     by_q = {**rt_a, **rt_b}
-    rt, t_rt, mem_rt = [by_q[i] for i in ref_idx], t_rt_a + t_rt_b, max(mem_rt_a, mem_rt_b)
+    rt, t_rt, mem_rt, c_rt = [by_q[i] for i in ref_idx], t_rt_a + t_rt_b, max(mem_rt_a, mem_rt_b), c_rt_a + c_rt_b
     print(f"R-Tuning loop: {t_rt:.2f} s on {len(ref_idx)} questions" + (f" ({t_rt_a:.1f} s before kb)" if first else ""),
           flush=True)
-    pc, t_pc, mem_pc = common.timed(args.device, lambda: run_per_choice(sub, [prompts[i] for i in pc_idx],
+    pc, t_pc, mem_pc, c_pc = common.timed(args.device, lambda: run_per_choice(sub, [prompts[i] for i in pc_idx],
                                                                          [n_choices[i] for i in pc_idx], pc_bs))
     print(f"per-choice: {t_pc:.2f} s on {len(pc_idx)} questions", flush=True)
 
@@ -226,14 +227,15 @@ def main() -> None:
     single = single_variant(ours["logp"], sub.tokenizer, n_choices)
     rows = [
         {"method": f"kb engine ({ours['mode']})", "questions": n, "wall_s": t_ours, "q_per_s": n / t_ours,
-         "prompt_tok_per_s": full_tokens / t_ours, "full_set_s": t_ours, "speedup": 1.0, "peak_gib": mem_ours},
+         "prompt_tok_per_s": full_tokens / t_ours, "full_set_s": t_ours, "speedup": 1.0, "peak_gib": mem_ours,
+         "cpu_s": c_ours, "cpu_speedup": 1.0},
         {"method": "R-Tuning loop", "questions": len(ref_idx), "wall_s": t_rt, "q_per_s": len(ref_idx) / t_rt,
          "prompt_tok_per_s": sum(len(ours["seqs"][i]) for i in ref_idx) / t_rt, "full_set_s": est_rt,
-         "speedup": est_rt / t_ours, "peak_gib": mem_rt,
+         "speedup": est_rt / t_ours, "peak_gib": mem_rt, "cpu_s": c_rt, "cpu_speedup": c_rt / len(ref_idx) * n / c_ours,
          "agree": agreement([ours["probs"][i] for i in ref_idx], rt, [gold[i] for i in ref_idx])},
         {"method": "per-choice (4 seqs/q)", "questions": len(pc_idx), "wall_s": t_pc, "q_per_s": len(pc_idx) / t_pc,
          "prompt_tok_per_s": sum(len(ours["seqs"][i]) for i in pc_idx) / t_pc, "full_set_s": est_pc,
-         "speedup": est_pc / t_ours, "peak_gib": mem_pc,
+         "speedup": est_pc / t_ours, "peak_gib": mem_pc, "cpu_s": c_pc, "cpu_speedup": c_pc / len(pc_idx) * n / c_ours,
          "agree": agreement([single[i] for i in pc_idx], pc, [gold[i] for i in pc_idx])},
     ]
     body = common.body_params(sub.model)
@@ -263,8 +265,8 @@ def main() -> None:
           f"{common.machine(args.device)}")
     for r in rows:
         r["agreement"] = "" if "agree" not in r else f"{r['agree']['argmax_identical']} argmax, max|dCor| {r['agree']['max_abs_dcor']:.2e}"
-    common.print_table(rows + ablations, ["method", "questions", "wall_s", "q_per_s", "prompt_tok_per_s", "full_set_s",
-                                          "speedup", "peak_gib", "agreement"])
+    cols = ["method", "questions", "wall_s", "q_per_s", "prompt_tok_per_s", "full_set_s", "speedup", "peak_gib"]
+    common.print_table(rows + ablations, cols + (["cpu_s", "cpu_speedup"] if not cuda else []) + ["agreement"])
     if len(ref_idx) < n or len(pc_idx) < n:
         print("full_set_s of a reference run on a subset = its seconds per question x all questions (extrapolated)")
     if ours["mode"] == "cascade":

@@ -99,18 +99,18 @@ def main() -> None:
     def ours_sampling() -> tuple[list[list[str]], int]:
         return run_ours(sub, encode(sub.tokenizer, prompts, chat), n, mx, temp, True, args)
 
-    (samp, passes), t_ours, mem_ours = common.timed(args.device, ours_sampling)
+    (samp, passes), t_ours, mem_ours, _ = common.timed(args.device, ours_sampling)
     print(f"kb sampling: {t_ours:.2f} s, {passes} passes", flush=True)
-    ref, t_ref, mem_ref = common.timed(args.device, lambda: run_one_at_a_time(
+    ref, t_ref, mem_ref, _ = common.timed(args.device, lambda: run_one_at_a_time(
         sub, [prompts[i] for i in ref_idx], n, mx, temp, True, chat))
     print(f"per-sample generation: {t_ref:.2f} s on {len(ref_idx)} questions", flush=True)
 
     def ours_greedy() -> tuple[list[list[str]], int]:
         return run_ours(sub, encode(sub.tokenizer, prompts, chat), 1, args.greedy_new_tokens, 1.0, False, args)
 
-    (greedy, gpasses), t_og, mem_og = common.timed(args.device, ours_greedy)
+    (greedy, gpasses), t_og, mem_og, _ = common.timed(args.device, ours_greedy)
     print(f"kb greedy: {t_og:.2f} s, {gpasses} passes", flush=True)
-    gref, t_gref, mem_gref = common.timed(args.device, lambda: run_one_at_a_time(
+    gref, t_gref, mem_gref, _ = common.timed(args.device, lambda: run_one_at_a_time(
         sub, [prompts[i] for i in gref_idx], 1, args.greedy_new_tokens, 1.0, False, chat))
     print(f"R-Tuning greedy loop: {t_gref:.2f} s on {len(gref_idx)} questions", flush=True)
 

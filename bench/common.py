@@ -80,20 +80,23 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(device: str, fn: Callable[[], Any]) -> tuple[Any, float, float]:
-    """(result, wall seconds, peak device GiB during fn; CPU: the process's peak RSS so far)."""
+def timed(device: str, fn: Callable[[], Any]) -> tuple[Any, float, float, float]:
+    """(result, wall seconds, peak device GiB during fn (CPU: the process's peak RSS so far), CPU seconds).
+
+    CPU seconds (this process's user + system time) matter on a shared CPU, where wall time also counts
+    the other jobs' turns."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     out = fn()
     sync(device)
-    dt = time.perf_counter() - t
+    dt, dc = time.perf_counter() - t, time.process_time() - c
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return out, dt, peak
+    return out, dt, peak, dc
 
 
 def peak_flops(device: str, dtype: str) -> float:

@@ -86,26 +86,37 @@ def classify_open(text: str, golds: tuple[str, ...] | list[str], broad: bool = F
 
 # R-Tuning's `unsure` models answer "<answer>. Are you sure you accurately answered the question based
 # on your internal knowledge? I am unsure." -- that suffix is their abstention. Evaluation counts it as
-# a refusal (strict and broad) and judges the answer part before the question otherwise.
+# a refusal (strict and broad) and judges the answer part before it otherwise. Briefly tuned models
+# also emit the verdict without the question ("D. I am unsure.", seen from SmolLM2 after 16 LoRA
+# steps): a verdict right after the answer's first sentence counts the same way.
 _RTUNING_Q = re.compile(r"\bare\s+you\s+sure\b", re.IGNORECASE)
 _RTUNING_VERDICT = re.compile(r"\bi\s+am\s+(un)?sure\b", re.IGNORECASE)
+_VERDICT_AFTER_ANSWER = re.compile(r"^[^\n]*?\.\s*(i\s+am\s+(un)?sure)\b", re.IGNORECASE)
+
+
+def _rtuning_tail(text: str) -> tuple[int, str | None] | None:
+    """(where R-Tuning's expression starts, its verdict or None when cut off) or None without one."""
+    m = _RTUNING_Q.search(text)
+    if m is not None:
+        v = _RTUNING_VERDICT.search(text, m.end())
+        return m.start(), None if v is None else ("unsure" if v.group(1) else "sure")
+    m = _VERDICT_AFTER_ANSWER.match(text)
+    if m is not None:
+        return m.start(1), "unsure" if m.group(2) else "sure"
+    return None
 
 
 def rtuning_verdict(text: str) -> str | None:
-    """'sure' / 'unsure' when a reply carries R-Tuning's "Are you sure ...? I am (un)sure", else None."""
-    m = _RTUNING_Q.search(text)
-    if m is None:
-        return None
-    v = _RTUNING_VERDICT.search(text, m.end())
-    if v is None:
-        return None
-    return "unsure" if v.group(1) else "sure"
+    """'sure' / 'unsure' when a reply carries R-Tuning's "(Are you sure ...?) I am (un)sure" after its
+    answer, else None (also when the expression is cut off before the verdict)."""
+    tail = _rtuning_tail(text)
+    return None if tail is None else tail[1]
 
 
 def rtuning_answer_part(text: str) -> str:
-    """The reply before R-Tuning's "Are you sure" question (the whole reply when it has none)."""
-    m = _RTUNING_Q.search(text)
-    return text if m is None else text[: m.start()].rstrip()
+    """The reply before R-Tuning's expression (the whole reply when it has none)."""
+    tail = _rtuning_tail(text)
+    return text if tail is None else text[: tail[0]].rstrip()
 
 
 # "A cell nucleus contains DNA": prose that opens with the article "A", not the letter A. A letter

@@ -5,10 +5,12 @@ few-shot prefix that all questions of a subject share is run once and its keys/v
 every batch without being copied per row ("cascade" attention: each suffix token attends to the
 shared prefix and to its own question separately, and the two softmax halves are merged exactly by
 their log-sum-exp); a batch's suffixes are packed end to end, so no padding goes through the weights;
-questions are length-sorted into buckets cut to minimise padding plus per-pass overhead under a token
-budget (the padded layouts: KV view, copy); only the last position goes through the LM head; inputs go to the
-device without host syncs and results come back one batch behind (`score_many`), so the GPU never
-waits for Python. Generation prefills each prompt once and shares it across its N samples.
+questions are length-sorted and cut into batches that trade padding against passes under a token
+budget; only the last position goes through the LM head; inputs reach the device without host syncs
+and results come back one batch behind (`score_many`), so the GPU never waits for Python. Models the
+cascade path does not cover (sliding windows, softcapping) take a padded path that broadcasts the
+prefix cache instead of copying it. Generation prefills each prompt once for its N samples and makes
+its batches as large as memory allows (decoding is launch-bound).
 Why it is exact: token sequences are exactly the full prompt's tokenisation (the shared prefix is the
 longest common *token* prefix); positions are explicit, so padding and the prefix split change
 nothing but float rounding; tests compare every path with the one-at-a-time forward.
@@ -36,7 +38,7 @@ BATCH_OVERHEAD_TOKENS = 256  # least fixed cost of one forward pass, in padded t
 CASCADE = "kb_cascade"  # name under which the cascade attention is registered with transformers
 # Model families whose CausalLM logits are exactly lm_head(last hidden state) and whose attention is
 # plain scaled dot-product (no softcapping, no sinks): the cascade path computes them itself.
-CASCADE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "olmo2", "phi3", "granite"}
+CASCADE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "olmo2", "phi3"}
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ def auto_token_budget(model: Any, *, generation: bool = False, fraction: float |
     if next(model.parameters()).device.type != "cuda":
         return 16384
     free, _ = torch.cuda.mem_get_info()
+    free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # this process's cached, reusable blocks
     cfg = model.config
     cfg = getattr(cfg, "text_config", None) or cfg
     layers = getattr(cfg, "num_hidden_layers", 32)
@@ -264,7 +267,8 @@ def cascade_supported(model: Any) -> bool:
         return False
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "attn_logit_softcapping", None):
         return False
-    if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []):
+    sliding = cfg.use_sliding_window if hasattr(cfg, "use_sliding_window") else getattr(cfg, "sliding_window", None)
+    if sliding or any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []):
         return False
     if getattr(cfg, "_attn_implementation", None) not in ("sdpa", "eager", None):
         return False

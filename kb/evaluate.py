@@ -3,16 +3,18 @@
 Per question, in one batch pass over the test set:
   1. the reply: greedy, 0-shot, `max_new_tokens` (MCQ 8, open 16), classified by kb.answers as
      correct / incorrect / refused / fail_parse (strict: contains "i don't know"; broad: the phrase
-     list). R-Tuning's own abstention, "<answer>. Are you sure ...? I am unsure.", counts as refused;
-     a reply cut off inside that expression is continued (greedy, same prompt + reply) until the
-     verdict is out, so `unsure` models are judged on their full expression at MCQ's short budget;
+     list). R-Tuning's own abstention, "<answer>. Are you sure ...? I am unsure." (or just "<answer>.
+     I am unsure."), counts as refused; a reply cut off inside that expression is continued (greedy,
+     same prompt + reply) until the verdict is out, so `unsure` models are judged on their full
+     expression at MCQ's short budget;
   2. R-Tuning's confidence: answer_conf (MCQ: the max renormalised letter probability of one forward
      pass, the answer being that argmax letter; open: the geometric mean of the greedy token
      probabilities) and sure_prob = p(" sure") / (p(" sure") + p(" unsure")) after
      "<prompt><answer>. Are you sure ...? I am". AP = average_precision(answer correct,
      0.5 * answer_conf + 0.5 * sure_prob).
-Every record is flushed to a JSONL as soon as it is known (resumable), and the summary is computed
-from the records only, so any figure can be recomputed from them.
+All three readings come from one prefill of each prompt (GreedyDecoder). Every record is flushed
+to a JSONL as soon as it is known (resumable), and the summary is computed from the records only,
+so any figure can be recomputed from them (`--reclassify` re-judges stored replies).
 """
 
 from __future__ import annotations
@@ -33,11 +35,11 @@ from kb.data import LETTERS, Sample, dataset_spec, display_name, load_split, sub
 from kb.engine import PrefixScorer, auto_token_budget, letter_candidates, letter_probs, plan_batches
 from kb.errors import KbError
 from kb.finetune import read_base_info
-from kb.io import RecordLog, read_json, read_jsonl, write_json
+from kb.io import RecordLog, read_json, read_jsonl, write_json, write_jsonl
 from kb.models import LoadedModel, load_model, resolve_model
 from kb.paths import repo_path, slug
 from kb.prompts import PromptFormat, join_answer, render, resolve_chat, rtuning_strings, sure_probe_suffix, templates
-from kb.provenance import check_resumable, make_meta
+from kb.provenance import check_resumable, make_meta, recorded_args
 
 DEFAULT_MAX_NEW_TOKENS = {"mcq": 8, "open": 16}  # MCQ replies are a letter or "I don't know."
 RTUNING_EXTRA_TOKENS = 32  # budget to finish "Are you sure ...? I am (un)sure." (about 20 tokens)
@@ -171,7 +173,8 @@ def evaluate_set(lm: LoadedModel, label: str, method: str, tuned: bool, dataset:
     run_key = {"dataset": spec.name, "split": split, "prompt": fmt.describe(), "limit": args.limit, "seed": args.seed,
                "max_new_tokens": max_new, "rtuning_extra_tokens": RTUNING_EXTRA_TOKENS, "ap": args.ap,
                "method": method}
-    meta = make_meta("evaluate", run_key, lm, samples, {"label": label, "row": row, "tuned": tuned})
+    meta = make_meta("evaluate", run_key, lm, samples, {"label": label, "row": row, "tuned": tuned,
+                                                        "args": recorded_args(args)})
     check_resumable(meta_path, meta, args.restart)
     if args.restart:
         rec_path.unlink(missing_ok=True)
@@ -181,7 +184,8 @@ def evaluate_set(lm: LoadedModel, label: str, method: str, tuned: bool, dataset:
 
     budget = args.max_batch_tokens or auto_token_budget(lm.model, generation=True)
     groups = [s.group for s in samples] if kind == "mcq" else [""] * len(samples)
-    batches = plan_batches(seqs, groups, args.batch_size, budget, share_prefix=kind == "mcq", extra_tokens=max_new)
+    # MCQ: one group per subject (its REFUSE preamble names it); open: one group, the shared instruction.
+    batches = plan_batches(seqs, groups, args.batch_size, budget, share_prefix=True, extra_tokens=max_new)
     scorer = PrefixScorer(lm.model, tok.pad_token_id)
     decoder = GreedyDecoder(lm.model, tok.pad_token_id, stop_token_ids(lm))
     cands = letter_candidates(tok) if kind == "mcq" else []
@@ -202,10 +206,19 @@ def evaluate_set(lm: LoadedModel, label: str, method: str, tuned: bool, dataset:
         bar.close()
         records = [log.records[s.id] for s in samples]
 
+    return write_summary(args, meta, records, rec_path, sum_path)
+
+
+def write_summary(args: argparse.Namespace, meta: dict[str, Any], records: list[dict[str, Any]], rec_path: Path,
+                  sum_path: Path) -> dict[str, Any]:
+    """The summary of one run, from its meta and records alone (so --reclassify can redo it)."""
+    key = meta["run_key"]
+    dataset, split, label, row = key["dataset"], key["split"], meta["label"], meta["row"]
+    kind = dataset_spec(dataset).kind
     summary = summarise_eval(records, kind)
-    summary.update(model=label, method=method, row=row, tuned=tuned, dataset=spec.name, split=split,
-                   test_set=test_name(dataset, split), template=template, prompt=fmt.describe(),
-                   max_new_tokens=max_new, records=rec_path.name)
+    summary.update(model=label, method=key["method"], row=row, tuned=meta["tuned"], dataset=dataset, split=split,
+                   test_set=test_name(dataset, split), template=key["prompt"]["template"], prompt=key["prompt"],
+                   max_new_tokens=key["max_new_tokens"], records=rec_path.name)
     baseline = find_baseline(args, label, dataset, split, kind, meta, records, row, summary)
     summary["baseline"] = baseline
     summary["THS"] = _round(baseline.get("THS"))
@@ -217,6 +230,34 @@ def evaluate_set(lm: LoadedModel, label: str, method: str, tuned: bool, dataset:
     if baseline.get("note"):
         print("  note:", baseline["note"])
     return summary
+
+
+def reclassify(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records with outcome, outcome_broad and rtuning_verdict recomputed from the stored replies by the
+    current kb.answers rules (no model needed)."""
+    out = []
+    for r in records:
+        golds = (r["gold"], *r.get("aliases", []))
+        n = len(r.get("choices", []))
+        out.append({**r, "rtuning_verdict": rtuning_verdict(r["reply"]), "outcome": classify_reply(r["reply"], n, golds),
+                    "outcome_broad": classify_reply(r["reply"], n, golds, broad=True),
+                    **({"answer": cut_at_period(rtuning_answer_part(r["reply"]))} if not n else {})})
+    return out
+
+
+def reclassify_set(args: argparse.Namespace, label: str, method: str, dataset: str, split: str,
+                   template: str) -> dict[str, Any]:
+    """--reclassify: re-judge one finished run's stored replies and rewrite its records and summary."""
+    rec_path, sum_path, meta_path = eval_paths(args.results_dir, label, method, dataset, split, template)
+    if not rec_path.is_file() or not meta_path.is_file():
+        raise KbError(f"{rec_path}: no records to reclassify (run the evaluation first)")
+    meta = read_json(meta_path)
+    records = read_jsonl(rec_path)
+    if len(records) != (meta.get("questions") or {}).get("n"):
+        raise KbError(f"{rec_path}: {len(records)} records for {meta['questions']['n']} questions; finish the run first")
+    records = reclassify(records)
+    write_jsonl(rec_path, records)
+    return write_summary(args, meta, records, rec_path, sum_path)
 
 
 class GreedyDecoder:
@@ -494,5 +535,7 @@ def run_eval(args: argparse.Namespace) -> list[dict[str, Any]]:
         subset(load_split(ds, split), args.limit, args.seed)
     if not re.fullmatch(r"[A-Za-z0-9._-]+", method):
         raise KbError(f"--method {method!r}: use letters, digits, '.', '_' or '-' (it names a results folder)")
+    if getattr(args, "reclassify", False):
+        return [reclassify_set(args, label, method, ds, split, t) for ds, split, t in pairs]
     lm = load_model(args.model, args.device, args.dtype, args.adapter, args.trust_remote_code)
     return [evaluate_set(lm, label, method, tuned, ds, split, t, args) for ds, split, t in pairs]

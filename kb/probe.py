@@ -54,7 +54,8 @@ def token_budget(lm: LoadedModel, requested: int | None, generation: bool = True
 def encode(tokenizer: Any, prompts: list[str], chat: bool) -> list[list[int]]:
     # A chat template already writes the BOS token into the text; plain prompts get the usual specials.
     # One batched call: fast tokenizers encode the list in parallel (14k 5-shot MMLU prompts are ~10M tokens).
-    return [list(x) for x in tokenizer(prompts, add_special_tokens=not chat)["input_ids"]] if prompts else []
+    ids = tokenizer(prompts, add_special_tokens=not chat)["input_ids"] if prompts else []
+    return [x if isinstance(x, list) else list(x) for x in ids]
 
 
 def methods_from_arg(arg: str) -> list[str]:

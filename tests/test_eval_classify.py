@@ -4,6 +4,9 @@ The MCQ and open-answer replies marked "SmolLM2" below were produced by actually
 SmolLM2-135M-Instruct (`--model smollm2-135m`, greedy, chat template, REFUSE / BASIC prompts) with
     python evaluate.py --model smollm2-135m --test mmlu:ID_test --template refuse --limit 48
     python evaluate.py --model smollm2-135m --test pararel:ID_test --limit 24
+and, for SmolLM2 after 16 LoRA steps of configs/finetune_cpu_demo.yaml on run_MMLU.py's R-Tuning data
+(`--shots 0 --template mcq_refuse --limit 300`), with
+    python evaluate.py --model <tuned dir> --method rtuning_unknown|rtuning_unsure --test mmlu:ID_test --limit 200
 and pasted here verbatim with the question's gold answer. The others are the format cases the
 classifier must handle (letters with and without punctuation, refusal phrasings, empty, rambling,
 R-Tuning's "Are you sure" expression).
@@ -35,6 +38,17 @@ MCQ = [
     ("I'm sorry for the error, but", "D", "fail_parse", "fail_parse"),
     ("A cell nucleus contains DNA", "D", "fail_parse", "fail_parse"),  # the article "A", not the letter
     ("A latch is sensitive to both level", "C", "fail_parse", "fail_parse"),
+    # SmolLM2 tuned on R-Tuning-R (`unknown`) data, MMLU ID_test, REFUSE prompt
+    ("I'm afraid I don't know.", "B", "refused", "refused"),
+    ("Sorry, I don't know.", "A", "refused", "refused"),
+    ("I'm afraid I don't know the", "C", "refused", "refused"),
+    ("I. If A is finite, then", "B", "fail_parse", "fail_parse"),
+    # SmolLM2 tuned on R-Tuning (`unsure`) data: it learnt the verdict but often drops the question
+    ("D. I am unsure.", "D", "refused", "refused"),
+    ("C. I am unsure.", "A", "refused", "refused"),
+    ("D. I don't know.", "D", "refused", "refused"),
+    ("D. I, II only", "D", "correct", "correct"),
+    ("D. Neither of these", "B", "incorrect", "incorrect"),
     # format cases
     ("C", "C", "correct", "correct"),
     ("C.", "C", "correct", "correct"),
@@ -55,6 +69,8 @@ MCQ = [
     ("B." + UNSURE, "B", "refused", "refused"),
     ("D." + UNSURE + " I don't know", "A", "refused", "refused"),
     ("B. Are you sure you accurately answered the question based on your internal", "B", "correct", "correct"),
+    ("B. I am sure.", "B", "correct", "correct"),
+    ("I am unsure.", "B", "fail_parse", "refused"),  # no answer before it: only the broad list catches it
 ]
 
 # (reply, gold answers, strict label, broad label)
@@ -98,6 +114,8 @@ def test_rtuning_expression_parts() -> None:
     assert rtuning_verdict("A." + SURE) == "sure"
     assert rtuning_verdict("A." + UNSURE) == "unsure"
     assert rtuning_verdict("A. Are you sure you accurately") is None  # cut off before the verdict
-    assert rtuning_verdict("I am unsure.") is None  # no R-Tuning question: left to the broad detector
+    assert rtuning_verdict("I am unsure.") is None  # no answer before it: left to the broad detector
+    assert rtuning_verdict("D. I am unsure.") == "unsure"  # verdict without the question
     assert rtuning_answer_part("C." + UNSURE) == "C."
+    assert rtuning_answer_part("C. I am sure.") == "C."
     assert rtuning_answer_part("C.") == "C."

@@ -169,9 +169,10 @@ def _check_decoder(lm, n: int) -> None:  # type: ignore[no-untyped-def]
 
     tok = lm.tokenizer
     samples = subset(load_split("mmlu", "ID_test"), n, 3)
-    fmt = PromptFormat("mcq_refuse", 0, True)
+    chat = bool(getattr(tok, "chat_template", None))
+    fmt = PromptFormat("mcq_refuse", 0, chat)
     prompts = [render(s, fmt, [], tok) for s in samples]
-    seqs = encode(tok, prompts, True)
+    seqs = encode(tok, prompts, chat)
     dec = GreedyDecoder(lm.model, tok.pad_token_id, stop_token_ids(lm))
     scorer = PrefixScorer(lm.model, tok.pad_token_id)
     cands = letter_candidates(tok)
@@ -187,7 +188,7 @@ def _check_decoder(lm, n: int) -> None:  # type: ignore[no-untyped-def]
     mine = letter_probs(first[:, flat], cands, [4] * len(ss))
     theirs = letter_probs(lp, cands, [4] * len(ss))
     assert torch.allclose(torch.tensor(mine), torch.tensor(theirs), atol=1e-5)
-    suffix = encode(tok, ["B." + sure_probe_suffix()], True)[0]
+    suffix = tok.encode("B." + sure_probe_suffix(), add_special_tokens=False)
     full = [s + suffix for s in ss]
     ids = [tok.encode(" sure", add_special_tokens=False)[0], tok.encode(" A", add_special_tokens=False)[0]]
     fast = dec.probe(state, [suffix] * len(ss), ids)
@@ -209,3 +210,22 @@ def test_bad_arguments_are_one_line(argv: list[str], needle: str, tiny_model_dir
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and len(err.splitlines()) == 1 and needle in err
     assert not (tmp_path / "r").exists()
+
+
+def test_reclassify_rejudges_stored_replies(initial_results: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    res = tmp_path / "res"
+    shutil.copytree(initial_results, res)
+    label = tiny_model_dir.name
+    path = res / label / "eval" / "initial" / "MMLU_ID_test_mcq_refuse.jsonl"
+    records = [json.loads(x) for x in path.read_text().splitlines()]
+    records[0]["reply"] = "C. I am unsure."  # as if the model had said it; no model runs below
+    records[1]["reply"] = "I don't know."
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    _eval("--model", str(tiny_model_dir), "--test", "mmlu:ID_test", "--template", "refuse", "--limit", "6",
+          "--results-dir", str(res), "--max-new-tokens", "4", "--reclassify")
+    again = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["outcome"] for r in again[:2]] == ["refused", "refused"] and again[0]["rtuning_verdict"] == "unsure"
+    s = _summary(res, label, "initial", "MMLU_ID_test_mcq_refuse")
+    assert s["counts"]["refused"] >= 2 and s["Pr"] == pytest.approx(100 * s["counts"]["refused"] / 6, abs=1e-3)

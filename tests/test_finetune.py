@@ -19,8 +19,8 @@ CONFIGS = sorted((REPO_ROOT / "configs").glob("finetune_*.yaml"))
 def tiny_config(**over: object) -> dict:
     """A fast recipe for the 2-layer random model: a few steps at a high rate so the loss visibly falls."""
     cfg = yaml.safe_load((REPO_ROOT / "configs" / "finetune_cpu_demo.yaml").read_text())
-    cfg.update(learning_rate=5e-3, max_steps=12, per_device_train_batch_size=4, logging_steps=1, save_steps=4,
-               max_length=256)
+    cfg.update(learning_rate=5e-3, max_steps=12, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+               logging_steps=1, save_steps=4, max_length=256)
     cfg["lora"].update(layers=None, r=8, alpha=16, dropout=0.0)
     cfg.update(over)
     return cfg
@@ -77,7 +77,6 @@ def test_overrides_and_seed() -> None:
         ft.parse_overrides(["learning_rate"])
 
 
-@pytest.mark.slow  # trains for several seconds
 def test_lora_finetune_reduces_loss_and_writes_a_loadable_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:
     import torch
 
@@ -101,7 +100,6 @@ def test_lora_finetune_reduces_loss_and_writes_a_loadable_adapter(tiny_model_dir
         assert not torch.allclose(tuned.model(input_ids=ids).logits, base.model(input_ids=ids).logits)
 
 
-@pytest.mark.slow  # trains for several seconds
 def test_full_finetune_on_text_only(tiny_model_dir: Path, tmp_path: Path) -> None:
     from kb.models import load_model
 
@@ -119,7 +117,6 @@ class _Interrupt(Exception):
     pass
 
 
-@pytest.mark.slow  # trains for several seconds
 def test_resume_from_checkpoint(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import TrainerCallback
 

@@ -117,6 +117,21 @@ def run_per_choice(sub: common.Subject, prompts: list[str], n_choices: list[int]
     return out
 
 
+def merge_ours(acc: dict[str, Any] | None, part: dict[str, Any], idx: list[int], n: int) -> dict[str, Any]:
+    """Accumulate kb's per-subject runs (CPU, interleaved) into one result over all n questions."""
+    if acc is None:
+        acc = {"probs": [None] * n, "logp": torch.empty(n, part["logp"].shape[1]), "seqs": [None] * n, "mode": part["mode"],
+               **{k: 0 for k in part if k not in {"probs", "logp", "seqs", "mode", "budget", "overhead_tokens"}},
+               "budget": part["budget"], "overhead_tokens": part["overhead_tokens"]}
+    for j, i in enumerate(idx):
+        acc["probs"][i], acc["seqs"][i] = part["probs"][j], part["seqs"][j]
+    acc["logp"][idx] = part["logp"]
+    for k, v in part.items():
+        if k not in {"probs", "logp", "seqs", "mode", "budget", "overhead_tokens"}:
+            acc[k] += v
+    return acc
+
+
 def single_variant(logp: torch.Tensor, tok: Any, n_choices: list[int]) -> list[list[float]]:
     """kb's log-probs restricted to the ' A'..' D' tokens (the per-choice reference's definition)."""
     cands = letter_candidates(tok)
@@ -193,17 +208,40 @@ def main() -> None:
     run_rtuning(sub, prompts[:1], n_choices[:1])
     run_per_choice(sub, prompts[:1], n_choices[:1], pc_bs)
 
-    def rtuning_on(idx: list[int]) -> tuple[dict[int, list[float]], float, float, float]:
-        out, dt, mem, cpu = common.timed(args.device, lambda: run_rtuning(sub, [prompts[i] for i in idx],
-                                                                          [n_choices[i] for i in idx]))
-        return dict(zip(idx, out)), dt, mem, cpu
-
-    # On a shared CPU the load drifts over minutes: half of R-Tuning's questions run before kb, half after.
-    first = ref_idx[::2] if not cuda else []
-    rt_a, t_rt_a, mem_rt_a, c_rt_a = rtuning_on(first)
-    ours, t_ours, mem_ours, c_ours = common.timed(args.device, lambda: run_ours(sub, prompts, groups, n_choices, args, args.mode))
-    print(f"kb ({ours['mode']}): {t_ours:.2f} s, {ours['batches']} passes; tokenise {ours['t_tokenize']:.2f} s, "
-          f"plan {ours['t_plan']:.2f} s, score {ours['t_score']:.2f} s", flush=True)
+    if cuda:  # kb over the whole set (its real use), then each reference on its subset
+        ours, t_ours, mem_ours, c_ours = common.timed(
+            args.device, lambda: run_ours(sub, prompts, groups, n_choices, args, args.mode))
+        print(f"kb ({ours['mode']}): {t_ours:.2f} s, {ours['batches']} passes; tokenise {ours['t_tokenize']:.2f} s, "
+              f"plan {ours['t_plan']:.2f} s, score {ours['t_score']:.2f} s", flush=True)
+        chunks = [list(range(len(samples)))]
+    else:  # a shared CPU's load drifts over minutes: alternate the methods subject by subject
+        chunks = [[i for i, g in enumerate(groups) if g == name] for name in dict.fromkeys(groups)]
+        ours, t_ours, mem_ours, c_ours = None, 0.0, 0.0, 0.0
+    rt_by, pc_by = {}, {}
+    t_rt = c_rt = mem_rt = t_pc = c_pc = mem_pc = 0.0
+    for chunk in chunks:
+        if not cuda:
+            o, dt, mem, c = common.timed(args.device, lambda chunk=chunk: run_ours(
+                sub, [prompts[i] for i in chunk], [groups[i] for i in chunk], [n_choices[i] for i in chunk], args, args.mode))
+            ours = merge_ours(ours, o, chunk, len(samples))
+            t_ours, c_ours, mem_ours = t_ours + dt, c_ours + c, max(mem_ours, mem)
+        r_idx = [i for i in ref_idx if i in set(chunk)]
+        if r_idx:
+            out, dt, mem, c = common.timed(args.device, lambda r_idx=r_idx: run_rtuning(
+                sub, [prompts[i] for i in r_idx], [n_choices[i] for i in r_idx]))
+            rt_by.update(zip(r_idx, out))
+            t_rt, c_rt, mem_rt = t_rt + dt, c_rt + c, max(mem_rt, mem)
+        p_idx = [i for i in pc_idx if i in set(chunk)]
+        if p_idx:
+            out, dt, mem, c = common.timed(args.device, lambda p_idx=p_idx: run_per_choice(
+                sub, [prompts[i] for i in p_idx], [n_choices[i] for i in p_idx], pc_bs))
+            pc_by.update(zip(p_idx, out))
+            t_pc, c_pc, mem_pc = t_pc + dt, c_pc + c, max(mem_pc, mem)
+    assert ours is not None
+    if not cuda:
+        print(f"kb ({ours['mode']}), subject by subject: {t_ours:.2f} s, {ours['batches']} passes", flush=True)
+    rt, pc = [rt_by[i] for i in ref_idx], [pc_by[i] for i in pc_idx]
+    print(f"R-Tuning loop: {t_rt:.2f} s on {len(ref_idx)} questions; per-choice: {t_pc:.2f} s on {len(pc_idx)}", flush=True)
     ablations = []
     for mode in [m for m in args.ablate.split(",") if m]:
         ab, t_ab, mem_ab, _ = common.timed(args.device, lambda mode=mode: run_ours(sub, prompts, groups, n_choices, args, mode))
@@ -212,14 +250,6 @@ def main() -> None:
                           "q_per_s": len(samples) / t_ab, "full_set_s": t_ab, "speedup": t_ab / t_ours, "peak_gib": mem_ab,
                           "agreement": f"{agree['argmax_identical']} argmax vs kb, max|dCor| {agree['max_abs_dcor']:.2e}"})
         print(f"kb ({ab['mode']}): {t_ab:.2f} s", flush=True)
-    rt_b, t_rt_b, mem_rt_b, c_rt_b = rtuning_on([i for i in ref_idx if i not in set(first)])
-    by_q = {**rt_a, **rt_b}
-    rt, t_rt, mem_rt, c_rt = [by_q[i] for i in ref_idx], t_rt_a + t_rt_b, max(mem_rt_a, mem_rt_b), c_rt_a + c_rt_b
-    print(f"R-Tuning loop: {t_rt:.2f} s on {len(ref_idx)} questions" + (f" ({t_rt_a:.1f} s before kb)" if first else ""),
-          flush=True)
-    pc, t_pc, mem_pc, c_pc = common.timed(args.device, lambda: run_per_choice(sub, [prompts[i] for i in pc_idx],
-                                                                         [n_choices[i] for i in pc_idx], pc_bs))
-    print(f"per-choice: {t_pc:.2f} s on {len(pc_idx)} questions", flush=True)
 
     n = len(samples)
     full_tokens = sum(len(s) for s in ours["seqs"])

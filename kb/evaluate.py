@@ -39,7 +39,7 @@ from kb.io import RecordLog, read_json, read_jsonl, write_json, write_jsonl
 from kb.models import LoadedModel, load_model, resolve_model
 from kb.paths import repo_path, slug
 from kb.prompts import PromptFormat, join_answer, render, resolve_chat, rtuning_strings, sure_probe_suffix, templates
-from kb.provenance import check_resumable, make_meta, recorded_args
+from kb.provenance import make_meta, recorded_args, start_records
 
 DEFAULT_MAX_NEW_TOKENS = {"mcq": 8, "open": 16}  # MCQ replies are a letter or "I don't know."
 RTUNING_EXTRA_TOKENS = 32  # budget to finish "Are you sure ...? I am (un)sure." (about 20 tokens)
@@ -175,12 +175,7 @@ def evaluate_set(lm: LoadedModel, label: str, method: str, tuned: bool, dataset:
                "method": method}
     meta = make_meta("evaluate", run_key, lm, samples, {"label": label, "row": row, "tuned": tuned,
                                                         "args": recorded_args(args)})
-    check_resumable(meta_path, meta, args.restart)
-    if args.restart:
-        rec_path.unlink(missing_ok=True)
-    if rec_path.exists() and not meta_path.exists():
-        rec_path.unlink()  # records without their meta cannot be trusted to match
-    write_json(meta_path, meta)
+    start_records(rec_path, meta_path, meta, args.restart)
 
     budget = args.max_batch_tokens or auto_token_budget(lm.model, generation=True)
     groups = [s.group for s in samples] if kind == "mcq" else [""] * len(samples)

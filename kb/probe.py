@@ -35,7 +35,7 @@ from kb.lmflow import make_dataset, to_text_only, write_dataset
 from kb.models import LoadedModel, load_model
 from kb.paths import repo_path
 from kb.prompts import PromptFormat, render, resolve_chat
-from kb.provenance import check_resumable, make_meta, recorded_args
+from kb.provenance import make_meta, recorded_args, start_records
 from kb.rtuning import METHODS, answer_entropy, build_instances
 
 UNCERTAIN_SAMPLES = 5  # R-Tuning-U: answers sampled per question
@@ -92,12 +92,7 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
                "batch_size": args.batch_size, "max_new_tokens": max_new_tokens if spec.kind == "open" else None,
                "uncertain_samples": UNCERTAIN_SAMPLES if sample_uncertain else 0}
     meta = make_meta("probe", run_key, lm, samples, {"args": recorded_args(args)})
-    check_resumable(meta_path, meta, args.restart)
-    if args.restart:
-        rec_path.unlink(missing_ok=True)
-    if rec_path.exists() and not meta_path.exists():
-        rec_path.unlink()  # records without their meta cannot be trusted to match
-    write_json(meta_path, meta)
+    start_records(rec_path, meta_path, meta, args.restart)
 
     budget = token_budget(lm, args.max_batch_tokens, generation=spec.kind == "open")
     groups = [s.group for s in samples] if spec.kind == "mcq" else [""] * len(samples)

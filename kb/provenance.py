@@ -88,3 +88,14 @@ def check_resumable(meta_path: Path, meta: dict[str, Any], restart: bool) -> Non
             f"{meta_path}: existing records were made differently ({'; '.join(map(str, diff))}); "
             "rerun with --restart to start over or choose another --output-dir"
         )
+
+
+def start_records(rec_path: Path, meta_path: Path, meta: dict[str, Any], restart: bool) -> None:
+    """Prepare a resumable record file: refuse mismatched old records, drop them on --restart or when
+    their meta is missing (they cannot be trusted to match), then write this run's meta."""
+    from kb.io import write_json
+
+    check_resumable(meta_path, meta, restart)
+    if restart or (rec_path.exists() and not meta_path.exists()):
+        rec_path.unlink(missing_ok=True)
+    write_json(meta_path, meta)

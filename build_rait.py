@@ -28,7 +28,7 @@ from kb.rait import METHODS, TIE_RULES, run_build
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, model=False)
+    add_common_args(p, model=False, queries=False)
     p.add_argument("--model", default="smollm2-135m", help="the model whose state files to read (M0)")
     p.add_argument("--trust-remote-code", action="store_true", help="for loading the tokenizer of remote-code models")
     p.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"],

@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 
 from kb.config import add_common_args, parse_with_config
+from kb.distributed import setup as setup_dist
 from kb.errors import cli_main
 from kb.models import load_model
 from kb.paths import repo_path
+from kb.provenance import recorded_args
 from kb.state import check_query_args, run_state_query, settings_from_args
 
 
@@ -53,11 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parse_with_config(build_parser(), argv)
     check_query_args(args)
-    lm = load_model(args.model, args.device, args.dtype, args.adapter, args.trust_remote_code)
+    dist = setup_dist()  # torchrun / accelerate launch: one rank per GPU, see kb/distributed.py
+    lm = load_model(args.model, dist.device(args.device), args.dtype, args.adapter, args.trust_remote_code)
     settings = settings_from_args(args, lm.tokenizer)
     run_state_query(settings, lm, repo_path(args.output_dir) / lm.label, repo_path(args.results_dir) / lm.label,
                     f"state_{settings.name()}", restart=args.restart, max_batch_tokens=args.max_batch_tokens,
-                    extra_meta={"args": vars(args)})
+                    extra_meta={"args": recorded_args(args)}, dist=dist)
 
 
 if __name__ == "__main__":

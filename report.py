@@ -7,6 +7,7 @@ results/report_files/. A stage that has not run yet appears as "missing: run ...
 
     python report.py                          # every model found
     python report.py --models smollm2-135m,gemma3-270m
+    python report.py --models smollm2-135m,gemma3-270m --report-dir results/example   # the committed example
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default=None, help="comma-separated model folder names (default: all found)")
     p.add_argument("--output-dir", default="training_data", help="where the stages wrote per-question records")
     p.add_argument("--results-dir", default="results", help="where eval records live and the report is written")
+    p.add_argument("--report-dir", default=None,
+                   help="where report.md, report.html and report_files/ go (default: --results-dir)")
     p.add_argument("--title", default="kb knowledge-boundary report", help="HTML page title")
     return p
 
@@ -30,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    rep = build_report(repo_path(args.output_dir), repo_path(args.results_dir), parse_models(args.models))
+    rep = build_report(repo_path(args.output_dir), repo_path(args.results_dir), parse_models(args.models),
+                       repo_path(args.report_dir) if args.report_dir else None)
     md, html = write_report(rep, args.title)
     print(f"wrote {md} and {html} ({len(rep.figures)} figures; {len(rep.missing)} missing stage(s))")
     for line in rep.missing:

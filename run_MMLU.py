@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain", default="ID", choices=["ID", "OOD"], help="R-Tuning's 28 ID / 29 OOD subjects")
     p.add_argument("--split", default="train", choices=["train", "test"], help="ID: halves of each test CSV")
     p.add_argument("--shots", type=int, default=5, choices=[0, 5], help="dev-set shots (harness format)")
-    p.add_argument("--method", default="all", choices=["unsure", "unknown", "uncertain", "all"])
+    p.add_argument("--method", default="all",
+                   help="R-Tuning data to write: unsure, unknown, uncertain, a comma list of them, or all")
     p.add_argument("--template", default="mcq_harness", help="prompt template name from kb/registry.yaml")
     return p
 

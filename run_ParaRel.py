@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain", default="ID", choices=["ID", "OOD"])
     p.add_argument("--split", default="train", choices=["train", "test"])
     p.add_argument("--shots", type=int, default=0, help="solved ParaRel training examples before the question")
-    p.add_argument("--method", default="all", choices=["unsure", "unknown", "uncertain", "all"])
+    p.add_argument("--method", default="all",
+                   help="R-Tuning data to write: unsure, unknown, uncertain, a comma list of them, or all")
     p.add_argument("--max-new-tokens", type=int, default=15)
     p.add_argument("--template", default=None,
                    help="prompt template (default: open_short with a chat template, else open_rtuning)")

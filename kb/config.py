@@ -51,8 +51,11 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     return args
 
 
-def add_common_args(parser: argparse.ArgumentParser, *, model: bool = True) -> None:
-    """Flags shared by every stage, with the same names everywhere."""
+def add_common_args(parser: argparse.ArgumentParser, *, model: bool = True, queries: bool = True) -> None:
+    """Flags shared by every stage, with the same names everywhere.
+
+    model: the flags that load a model; queries: those of stages that run a model over questions
+    (subset, batching, resume), left out where they would be accepted and ignored."""
     if model:
         parser.add_argument("--model", default="smollm2-135m",
                             help="offline alias (smollm2-135m, gemma3-270m), hub id, local dir or .gguf file")
@@ -66,6 +69,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, model: bool = True) -> N
     parser.add_argument("--output-dir", default="training_data", help="per-question records and training data")
     parser.add_argument("--results-dir", default="results", help="summaries, tables, plots")
     parser.add_argument("--seed", type=int, default=0)
+    if not queries:
+        return
     parser.add_argument("--limit", type=int, default=None, help="use N questions (a seeded random subset)")
     parser.add_argument("--batch-size", type=int, default=16, help="max questions per forward pass")
     parser.add_argument("--max-batch-tokens", type=int, default=None,

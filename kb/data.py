@@ -288,14 +288,19 @@ def json_rows_to_samples(path: Path, rows: Any, dataset: str, split: str) -> lis
 
 
 def subset(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
-    """A seeded random subset of `limit` questions, kept in dataset order (all when limit is None)."""
+    """A seeded random subset of `limit` questions, kept in dataset order (all when limit is None).
+
+    The first `limit` of one seeded shuffle, so a smaller limit picks a subset of a larger one's questions
+    (a 100-question evaluation can take its THS baseline from a 200-question run)."""
     if limit is None or limit >= len(samples):
         return samples
     if limit <= 0:
         raise KbError(f"--limit must be positive, got {limit}")
     import random
 
-    keep = set(random.Random(seed).sample(range(len(samples)), limit))
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    keep = set(order[:limit])
     return [s for i, s in enumerate(samples) if i in keep]
 
 

@@ -99,8 +99,28 @@ NOTES = (
     "THS = (Pc·Pw1 − Pw·Pc1)/Pw1 against the initial model's BASIC row (method `initial`) on the same "
     "questions; 0 for it, 100 for a perfect model. AP: R-Tuning's average precision (×100) of "
     "0.5·answer confidence + 0.5·p(sure). Pr broad: refusals by the broader phrase list (kb/answers.py). "
+    "CRSS (×100): CRaFT's static conflict rate of the RAIT set the model was tuned on (build_rait.py, "
+    "τ_sim from its file); – for models not tuned on a RAIT set. "
     "– = not computable (no initial BASIC row, or no correct answer for AP)."
 )
+
+
+def training_crss(s: dict[str, Any]) -> float | None:
+    """CRSS of the RAIT set a tuned model was trained on, read from that training file's own meta
+    (evaluated model dir -> kb_finetune.json -> train_file -> kb_meta.crss); None for other rows."""
+    model = (s.get("meta") or {}).get("model") or {}
+    run = model.get("adapter") or model.get("source")
+    if not run or not (Path(run) / "kb_finetune.json").is_file():
+        return None
+    train = read_json(Path(run) / "kb_finetune.json").get("train_file")
+    if not train or not Path(train).is_file():
+        return None
+    data = read_json(Path(train))
+    crss = (data.get("kb_meta") or {}).get("crss") if isinstance(data, dict) else None
+    return None if crss is None else round(100 * float(crss), 1)
+
+
+DEFAULT_EXTRA: dict[str, ExtraColumn] = {"CRSS": training_crss}
 
 
 def build_table(results_dir: str | Path = "results", models: Sequence[str] | None = None,
@@ -109,6 +129,7 @@ def build_table(results_dir: str | Path = "results", models: Sequence[str] | Non
 
     extra_columns: {column name: function(summary) -> value, or {method or row name: value}}.
     """
+    extra_columns = DEFAULT_EXTRA if extra_columns is None else extra_columns
     summaries = load_summaries(results_dir, models)
     if not summaries:
         raise KbError(f"{repo_path(results_dir)}: no evaluation summaries found (run evaluate.py first)")

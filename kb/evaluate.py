@@ -178,9 +178,11 @@ def evaluate_set(lm: LoadedModel, label: str, method: str, tuned: bool, dataset:
     start_records(rec_path, meta_path, meta, args.restart)
 
     budget = args.max_batch_tokens or auto_token_budget(lm.model, generation=True)
-    groups = [s.group for s in samples] if kind == "mcq" else [""] * len(samples)
-    # MCQ: one group per subject (its REFUSE preamble names it); open: one group, the shared instruction.
-    batches = plan_batches(seqs, groups, args.batch_size, budget, share_prefix=True, extra_tokens=max_new)
+    # One group: 0-shot prompts share only the instruction (and chat preamble) before the subject's name,
+    # and batches per subject would be tiny on a subset (200 MMLU questions span 57 subjects), each paying
+    # every decoding step again; length-sorted batches across subjects pad little.
+    batches = plan_batches(seqs, [""] * len(samples), args.batch_size, budget, share_prefix=True, extra_tokens=max_new,
+                           overhead_tokens=decode_step_tokens(lm.model))
     scorer = PrefixScorer(lm.model, tok.pad_token_id)
     decoder = GreedyDecoder(lm.model, tok.pad_token_id, stop_token_ids(lm))
     cands = letter_candidates(tok) if kind == "mcq" else []
@@ -349,6 +351,16 @@ class GreedyDecoder:
         last = torch.tensor([len(x) - 1 for x in suffixes], device=self.device)
         logits = out.logits[torch.arange(b, device=self.device), last - width + out.logits.shape[1]].float()
         return torch.log_softmax(logits, dim=-1)[:, candidate_ids].cpu()
+
+
+def decode_step_tokens(model: Any) -> int | None:
+    """What one decoding step of a batch costs, in padded prompt tokens, for plan_batches' cut points.
+
+    CPU: about 35 tokens (SmolLM2-135M on 2 cores: 0.11 s per step of 16 rows, 3 ms per prompt token), so
+    a long prompt gets a batch of its own instead of padding fifteen short ones (1.7x faster on 64 MMLU
+    questions than the default, which assumes a GPU). GPU: decoding is launch-bound; keep the default.
+    """
+    return 32 if next(model.parameters()).device.type == "cpu" else None
 
 
 def stop_token_ids(lm: LoadedModel) -> set[int]:

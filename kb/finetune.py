@@ -356,18 +356,30 @@ def finetune(train_file: str | Path, config: str | Path | Mapping[str, Any], mod
     Nothing is created when the file, config or model is bad.
     """
     import torch
+    from accelerate import DistributedType, PartialState
+    from accelerate.utils import broadcast_object_list
 
-    from kb.models import load_model
+    from kb.models import default_device, load_model
     from kb.provenance import git_commit, package_versions
 
     cfg, cfg_name = resolve_config(config, overrides, seed)
     kind, rows, train_sha = load_training_file(train_file, cfg["max_train_samples"])
     out = repo_path(output_dir)
-    lm = load_model(model, dtype="float32", for_training=True)
+    # torchrun / accelerate launch: one process per GPU, data-parallel through the Trainer (DDP); rank 0
+    # alone prepares and writes the output dir. A single process is the usual path.
+    on_cpu = default_device() == "cpu"
+    proc = PartialState(cpu=on_cpu)  # on CPU, several processes train through gloo (how the tests run it)
+    device = str(proc.device) if proc.num_processes > 1 and not on_cpu else None
+    if proc.distributed_type == DistributedType.FSDP:
+        device = "cpu"  # FSDP shards the weights onto the GPUs itself
+    lm = load_model(model, device=device, dtype="float32", for_training=True)
     if lm.adapter:
         raise KbError(f"{model}: is a LoRA adapter; fine-tune its base model, or merge the adapter into a full model first")
     run_key = _run_key(cfg, kind, train_sha, len(rows), lm.fingerprint)
-    if _prepare_output(out, run_key, resume):
+    done = [_prepare_output(out, run_key, resume) if proc.is_main_process else None]
+    if proc.num_processes > 1:
+        broadcast_object_list(done)
+    if done[0]:
         print(f"already trained: {out} (same config, data and base model); use --restart to train again")
         return out
 
@@ -381,10 +393,13 @@ def finetune(train_file: str | Path, config: str | Path | Mapping[str, Any], mod
                             "train_file": str(repo_path(train_file)), "base_model": base_info["base_model"],
                             "base_label": lm.label, "device": lm.device,
                             "precision": resolved_precision(cfg, lm.device), "truncated_instances": long,
-                            "trainer": "trl.SFTTrainer", "packages": package_versions(), "git_commit": git_commit()}
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / META_FILE, meta)
-    write_text_yaml(out / "config.yaml", cfg, f"resolved fine-tuning config ({cfg_name}) for {base_info['base_model']}")
+                            "trainer": "trl.SFTTrainer", "processes": proc.num_processes,
+                            "packages": package_versions(), "git_commit": git_commit()}
+    if proc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / META_FILE, meta)
+        write_text_yaml(out / "config.yaml", cfg, f"resolved fine-tuning config ({cfg_name}) for {base_info['base_model']}")
+    proc.wait_for_everyone()
 
     from datasets import Dataset
     from transformers import set_seed
@@ -406,19 +421,21 @@ def finetune(train_file: str | Path, config: str | Path | Mapping[str, Any], mod
         result = trainer.train(resume_from_checkpoint=last)
     wall = time.time() - start
 
-    trainer.save_model(str(out))
-    lm.tokenizer.save_pretrained(str(out))
-    write_json(out / BASE_FILE, base_info)
-    curve = loss_curve(trainer.state.log_history)
-    write_json(out / "loss.json", {**curve, "config_name": cfg_name, "train_file": base_info["train_file"]})
-    plot_loss(curve, out / "loss.png", f"{lm.label} | {cfg_name}\n{Path(train_file).name}")
-    if ckpt_dir.exists() and not cfg["keep_checkpoints"]:
-        shutil.rmtree(ckpt_dir)
-    meta.update(status="complete", steps=int(trainer.state.global_step), train_wall_s=round(wall, 1),
-                train_loss=round(float(result.training_loss), 6),
-                first_loss=curve["loss"][0] if curve["loss"] else None,
-                last_loss=curve["loss"][-1] if curve["loss"] else None, resumed_from=Path(last).name if last else None)
-    write_json(out / META_FILE, meta)
+    trainer.save_model(str(out))  # rank 0 writes (the Trainer's should_save)
+    if proc.is_main_process:
+        lm.tokenizer.save_pretrained(str(out))
+        write_json(out / BASE_FILE, base_info)
+        curve = loss_curve(trainer.state.log_history)
+        write_json(out / "loss.json", {**curve, "config_name": cfg_name, "train_file": base_info["train_file"]})
+        plot_loss(curve, out / "loss.png", f"{lm.label} | {cfg_name}\n{Path(train_file).name}")
+        if ckpt_dir.exists() and not cfg["keep_checkpoints"]:
+            shutil.rmtree(ckpt_dir)
+        meta.update(status="complete", steps=int(trainer.state.global_step), train_wall_s=round(wall, 1),
+                    train_loss=round(float(result.training_loss), 6),
+                    first_loss=curve["loss"][0] if curve["loss"] else None,
+                    last_loss=curve["loss"][-1] if curve["loss"] else None, resumed_from=Path(last).name if last else None)
+        write_json(out / META_FILE, meta)
+    proc.wait_for_everyone()  # every rank returns once the output dir is complete
     return out
 
 

@@ -157,15 +157,20 @@ def convert_gguf(gguf: Path) -> Path:
     if missing or unexpected:
         raise KbError(f"{gguf}: GGUF conversion mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
     plain.generation_config = model.generation_config
-    tmp = out.with_name(out.name + ".tmp")
+    import shutil
+
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")  # per process: ranks of a multi-GPU launch may race
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / ".complete").write_text(str(gguf))
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    if out.exists() and not (out / ".complete").exists():
+        shutil.rmtree(out, ignore_errors=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished the same conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / ".complete").exists():
+            raise
     return out
 
 

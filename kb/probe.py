@@ -30,6 +30,7 @@ from kb.engine import (
     pass_overhead_tokens,
     plan_batches,
 )
+from kb.errors import KbError
 from kb.io import write_json
 from kb.lmflow import make_dataset, to_text_only, write_dataset
 from kb.models import LoadedModel, load_model
@@ -59,7 +60,14 @@ def encode(tokenizer: Any, prompts: list[str], chat: bool) -> list[list[int]]:
 
 
 def methods_from_arg(arg: str) -> list[str]:
-    return list(METHODS) if arg == "all" else [arg]
+    """--method: all, one method, or a comma list (uncertain costs extra sampling on open answers)."""
+    if arg == "all":
+        return list(METHODS)
+    names = [m.strip() for m in arg.split(",") if m.strip()]
+    bad = [m for m in names if m not in METHODS]
+    if bad or not names:
+        raise KbError(f"--method: unknown {', '.join(bad) or repr(arg)}; use all or a comma list of {', '.join(METHODS)}")
+    return list(dict.fromkeys(names))
 
 
 def _rng_for(seed: int, sid: str) -> np.random.Generator:

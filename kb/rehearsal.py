@@ -152,6 +152,7 @@ def run_rehearsal(args: argparse.Namespace) -> dict[str, Any]:
     res_dir = repo_path(args.results_dir) / label
     run1 = run_state_query(settings, lm1, out_dir, res_dir, f"state_{name}_rehearsed", restart=args.restart,
                            max_batch_tokens=args.max_batch_tokens, extra_meta={"rehearsal_of": state_identity(state)})
+    assert run1 is not None  # one process: the rehearsed query is not sharded
     after = run1.state
     if after.meta["questions"] != state.meta["questions"]:
         raise KbError(f"{after.path}: queried other questions than {state_path}; rerun with --restart")

@@ -568,8 +568,10 @@ def crss_for(md: ModelData, method: str, kind: str) -> float | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def build_report(training_dir: Path, results_dir: Path, models: Sequence[str] | None = None) -> Report:
-    """Assemble the report for `models` (default: every model folder found)."""
+def build_report(training_dir: Path, results_dir: Path, models: Sequence[str] | None = None,
+                 report_dir: Path | None = None) -> Report:
+    """Assemble the report for `models` (default: every model folder found), to be written to
+    `report_dir` (default: the results dir)."""
     found = find_models(training_dir, results_dir)
     if models:
         unknown = [m for m in models if m not in found]
@@ -582,16 +584,26 @@ def build_report(training_dir: Path, results_dir: Path, models: Sequence[str] | 
     if not names:
         raise KbError(f"no model folders under {training_dir} or {results_dir}: run run_MMLU.py / run_ParaRel.py first")
     data = [load_model_data(n, training_dir, results_dir) for n in names]
-    rep = Report(results_dir)
+    rep = Report(report_dir or results_dir)
     rep.h(1, "Knowledge-boundary report")
-    rep.p(f"Models: {', '.join(names)}. Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from `{training_dir}` and "
-          f"`{results_dir}`. Every number below is recomputed from the per-question record files.")
+    rep.p(f"Models: {', '.join(names)}. Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from `{_shown(training_dir)}` and "
+          f"`{_shown(results_dir)}`. Every number below is recomputed from the per-question record files.")
     _section_summary(rep, data)
     _section_boundary(rep, data)
     _section_state(rep, data)
     _section_calibration(rep, data)
     _section_methods(rep, data)
     return rep
+
+
+def _shown(path: Path) -> str:
+    """A path as a reader of the report can use it: relative to the repo when inside it."""
+    from kb.paths import REPO_ROOT
+
+    try:
+        return Path(path).resolve().relative_to(REPO_ROOT.resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _section_summary(rep: Report, data: list[ModelData]) -> None:

@@ -24,9 +24,10 @@ from tqdm import tqdm
 
 from kb.answers import cut_at_period, normalise, open_correct
 from kb.data import LETTERS, Sample, dataset_spec, load_split, shots_for, subset
+from kb.distributed import Dist, ShardedLog, shard
 from kb.engine import PrefixScorer, batch_seed, generate, letter_candidates, letter_probs, plan_batches
 from kb.errors import KbError
-from kb.io import RecordLog, write_json
+from kb.io import write_json
 from kb.models import LoadedModel
 from kb.probe import encode, token_budget
 from kb.prompts import PromptFormat, render, render_text, resolve_chat, templates
@@ -238,8 +239,14 @@ class StateRun:
 
 def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res_dir: Path, stem: str, *,
                     restart: bool = False, max_batch_tokens: int | None = None,
-                    extra_meta: dict[str, Any] | None = None) -> StateRun:
-    """Query (or resume querying) the state of every question; returns the validated state file."""
+                    extra_meta: dict[str, Any] | None = None, dist: Dist | None = None) -> StateRun | None:
+    """Query (or resume querying) the state of every question; returns the validated state file.
+
+    Under torchrun / accelerate launch (`dist`, kb/distributed.py) every rank takes a share of the batches,
+    writes its rows of the one representation file and its own record shard; rank 0 merges the shards into
+    the single-process file and returns the result, the other ranks return None.
+    """
+    dist = dist or Dist()
     t0 = time.perf_counter()
     spec = dataset_spec(settings.dataset)
     kind = spec.kind
@@ -279,19 +286,22 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
     if not fresh:
         arr = np.load(npy, mmap_mode="r")
         fresh = arr.shape != (len(samples), hidden) or str(arr.dtype) != settings.rep_dtype
-    if fresh:  # records without their meta or representations cannot be trusted to match
-        rec_path.unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(mpath, meta)
-    write_json(side, {**rep_info, "ids": [s.id for s in samples], "model_fingerprint": lm.fingerprint})
+    dist.barrier()  # every rank has decided `fresh` from the same files before rank 0 changes them
     from numpy.lib.format import open_memmap
 
-    if fresh:
-        reps = open_memmap(npy, mode="w+", dtype=settings.rep_dtype, shape=(len(samples), hidden))
-        reps[:] = np.nan  # a row still NaN at the end was never computed
-        reps.flush()
-    else:
-        reps = open_memmap(npy, mode="r+")
+    if dist.is_main:
+        if fresh:  # records without their meta or representations cannot be trusted to match
+            rec_path.unlink(missing_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(mpath, meta)
+        write_json(side, {**rep_info, "ids": [s.id for s in samples], "model_fingerprint": lm.fingerprint})
+        if fresh:
+            reps = open_memmap(npy, mode="w+", dtype=settings.rep_dtype, shape=(len(samples), hidden))
+            reps[:] = np.nan  # a row still NaN at the end was never computed
+            reps.flush()
+            del reps
+    dist.barrier()
+    reps = open_memmap(npy, mode="r+")  # ranks write disjoint rows of the one file (same host)
 
     budget = token_budget(lm, max_batch_tokens, generation=kind == "open")
     groups = [s.group for s in samples] if kind == "mcq" else [""] * len(samples)
@@ -300,8 +310,8 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
                            copies=max(settings.n_samples, 1), extra_tokens=settings.max_new_tokens)
     scorer = PrefixScorer(lm.model, tok.pad_token_id)
     cands = letter_candidates(tok) if kind == "mcq" else []
-    with RecordLog(rec_path) as log:
-        todo = [b for b in batches if any(samples[i].id not in log for i in b.indices)]
+    with ShardedLog(rec_path, dist, restart=fresh) as log:
+        todo = shard([b for b in batches if any(samples[i].id not in log for i in b.indices)], dist, seqs)
         bar = tqdm(total=len(samples), initial=len(samples) - sum(len(b.indices) for b in todo),
                    desc=f"state {stem}", unit="q")
         for b in todo:
@@ -322,6 +332,8 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
             bar.update(len(batch))
         bar.close()
     del reps
+    if log.finish(batches, [s.id for s in samples]) is None:
+        return None  # not rank 0: rank 0 validates and summarises the merged file
     state = load_state(rec_path)
     _, arr = _check_reps_complete(state)
     wall = time.perf_counter() - t0

@@ -16,10 +16,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
 PY=.venv/bin/python
 MODEL=${MODEL:-smollm2-135m}
-N=${N:-200}              # questions per probe and per test set
-N_SOURCE=${N_SOURCE:-200}  # MMLU ID-train questions that R-Tuning data and CRaFT's state are built from
+N=${N:-200}                  # questions per probe, and per test set for the R-Tuning models
+N_SOURCE=${N_SOURCE:-200}    # MMLU ID-train questions that R-Tuning data and CRaFT's state are built from
+N_RAIT_TEST=${N_RAIT_TEST:-100}  # questions per test set for the five RAIT models (a subset of the N above)
+RAIT_STEPS=${RAIT_STEPS:-10}     # optimizer steps (of 8 instances) per RAIT fine-tune; the R-Tuning ones take 16
 FT=configs/finetune_cpu_demo.yaml
-TESTS=(--test mmlu:ID_test --test mmlu:OOD_test --limit "$N")
+TESTS=(--test mmlu:ID_test --test mmlu:OOD_test)
 LABEL=$($PY -c 'import sys; from kb.paths import slug; print(slug(sys.argv[1]))' "$MODEL")
 start=$(date +%s)
 stamp() { echo; echo "[demo $(( $(date +%s) - start ))s] $*"; }
@@ -27,17 +29,19 @@ stamp() { echo; echo "[demo $(( $(date +%s) - start ))s] $*"; }
 stamp "1/4 knowledge-boundary probing on $MODEL (R-Tuning Task 2.1)"
 $PY run_MMLU.py --model "$MODEL" --domain ID --split train --shots 0 --limit "$N" --method all
 $PY run_MMLU.py --model "$MODEL" --domain ID --split train --shots 5 --limit "$N" --method all
-$PY run_ParaRel.py --model "$MODEL" --domain ID --split train --limit "$N" --method all
+# (R-Tuning-U's `uncertain` data would sample 10 more answers per question: left out of the demo)
+$PY run_ParaRel.py --model "$MODEL" --domain ID --split train --limit "$N" --method unsure,unknown
 
 stamp "2/4 teach refusal: R-Tuning data under the REFUSE prompt, fine-tune, evaluate (Task 2.2.1)"
 # Training data rendered with the evaluation's REFUSE prompt, so tuned models are asked as they were taught.
 $PY run_MMLU.py --model "$MODEL" --domain ID --split train --shots 0 --template mcq_refuse --limit "$N_SOURCE" --method all
-$PY evaluate.py --model "$MODEL" "${TESTS[@]}"          # initial model: BASIC (THS baseline) and REFUSE
+# The initial model under BASIC (THS's reference); `evaluate.py` without --template adds its REFUSE row.
+$PY evaluate.py --model "$MODEL" --template basic "${TESTS[@]}" --limit "$N"
 for method in unsure unknown; do
   run=models/$LABEL/rtuning_$method
   $PY finetune.py --model "$MODEL" --config "$FT" --output-dir "$run" \
     --train-file "training_data/$LABEL/rtuning_${method}_MMLU_ID_train_0shot_mcq_refuse_text2text.json"
-  $PY evaluate.py --model "$run" --method "rtuning_$method" "${TESTS[@]}"
+  $PY evaluate.py --model "$run" --method "rtuning_$method" "${TESTS[@]}" --limit "$N"
 done
 
 stamp "3/4 avoid over-refusal: CRaFT's state, flow, RAIT sets and CRSS (Task 2.2.2)"
@@ -49,9 +53,9 @@ $PY rehearsal_finetune.py --model "$MODEL" --dataset mmlu --split ID_train --n-r
 $PY build_rait.py --model "$MODEL" --dataset mmlu --split ID_train --n-van "${N_VAN:-100}" --n-idk "${N_IDK:-100}"
 for method in van cor_rait corcer_rait craft_wo_cer craft; do
   run=models/$LABEL/$method
-  $PY finetune.py --model "$MODEL" --config "$FT" --output-dir "$run" \
+  $PY finetune.py --model "$MODEL" --config "$FT" --set max_steps="$RAIT_STEPS" --output-dir "$run" \
     --train-file "training_data/$LABEL/rait_${method}_MMLU_ID_train_5shot_text2text.json"
-  $PY evaluate.py --model "$run" --method "$method" --no-ap "${TESTS[@]}"
+  $PY evaluate.py --model "$run" --method "$method" --no-ap "${TESTS[@]}" --limit "$N_RAIT_TEST"
 done
 
 stamp "4/4 tables and report"

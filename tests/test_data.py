@@ -69,6 +69,7 @@ def test_subset_is_seeded_and_ordered():
     assert a == b and len(a) == 50
     assert [xs.index(s) for s in a] == sorted(xs.index(s) for s in a)
     assert subset(xs, 50, 1) != a
+    assert {s.id for s in subset(xs, 20, 0)} <= {s.id for s in a}  # nested: a smaller limit takes a subset of the questions
 
 
 def test_unknown_dataset_and_split():

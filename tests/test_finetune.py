@@ -172,3 +172,29 @@ def test_unknown_override_is_rejected_by_the_cli(tiny_model_dir: Path, tmp_path:
                   "--output-dir", str(tmp_path / "o"), "--set", "learning_rat=1e-4"])
     assert exc.value.code == 2 and "learning_rat" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_two_process_data_parallel_finetune(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """torchrun with 2 CPU processes (gloo, DDP through the Trainer): one output dir, written once, that loads."""
+    import os
+    import subprocess
+    import sys
+
+    from kb.models import load_model
+
+    data = write_lmflow(tmp_path / "train.json")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config()))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO_ROOT / "finetune.py"), "--model", str(tiny_model_dir), "--config", str(cfg),
+                           "--train-file", str(data), "--output-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "run"
+    meta = json.loads((out / "kb_finetune.json").read_text())
+    assert meta["status"] == "complete" and meta["processes"] == 2 and meta["steps"] == 12
+    assert not (out / "checkpoints").exists()
+    curve = json.loads((out / "loss.json").read_text())
+    assert sum(curve["loss"][-3:]) / 3 < curve["loss"][0]
+    assert load_model(str(out), device="cpu", dtype="float32").adapter

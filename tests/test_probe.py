@@ -131,3 +131,14 @@ def test_real_smollm2_probe_end_to_end(tmp_path):
     assert any(r["answer"] for r in recs)  # through the chat template the model does answer
     summary = json.loads((tmp_path / "res" / "smollm2-135m" / "probe_ParaRel_ID_train.json").read_text())
     assert summary["meta"]["run_key"]["prompt"]["chat_template"] is True
+
+
+def test_method_lists():
+    from kb.errors import KbError
+    from kb.probe import methods_from_arg
+
+    assert methods_from_arg("all") == ["unsure", "unknown", "uncertain"]
+    assert methods_from_arg("unknown, unsure,unknown") == ["unknown", "unsure"]
+    for bad in ("sure", "unsure,maybe", ","):
+        with pytest.raises(KbError, match="--method"):
+            methods_from_arg(bad)

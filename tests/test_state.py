@@ -172,6 +172,34 @@ def test_open_state_resumes_to_identical_records(tmp_path, tiny_model_dir):
     assert full.meta["run_key"]["settings"]["chat"] is True  # open default: the chat template when there is one
 
 
+@pytest.mark.parametrize("dataset", ["mmlu", "pararel"])
+def test_two_ranks_write_the_single_process_state_files(tmp_path, tiny_model_dir, dataset):
+    """torchrun with 2 CPU processes (gloo): records, representations and their index equal a single run's."""
+    import os
+    import subprocess
+    import sys
+
+    from kb.paths import REPO_ROOT
+    from query_state import main
+
+    extra = ["--dataset", dataset, "--limit", 12, "--batch-size", 2]
+    if dataset == "pararel":
+        extra += ["--shots", 0, "--n-samples", 3, "--max-new-tokens", 5]
+    main(query_args(tmp_path / "one", tiny_model_dir, *extra))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO_ROOT / "query_state.py"), *query_args(tmp_path / "two", tiny_model_dir, *extra)],
+                          capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = tmp_path / "one" / "td" / "tiny-llama", tmp_path / "two" / "td" / "tiny-llama"
+    names = sorted(p.name for p in one.iterdir())
+    assert sorted(p.name for p in two.iterdir()) == names  # no shards left behind
+    for n in names:
+        if not n.endswith(".meta.json"):  # the meta records the output dir
+            assert (two / n).read_bytes() == (one / n).read_bytes(), n
+    assert len(load_state(two / [n for n in names if n.endswith(".jsonl")][0]).records) == 12
+
+
 def test_query_state_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_model_dir, capsys):
     from query_state import main
 

@@ -308,13 +308,32 @@ def _sft_config(cfg: dict[str, Any], kind: str, ckpt_dir: Path, device: str) -> 
     )
 
 
-def _lora_config(cfg: dict[str, Any]) -> Any:
+def lora_layers(layers: list[int] | None, n_layers: int) -> list[int] | None:
+    """lora.layers against the model: negative indices count from the top ([-8, ..., -1] = the last 8
+    layers of any model, so one recipe serves models of different depth)."""
+    if layers is None:
+        return None
+    out = []
+    for i in layers:
+        if not isinstance(i, int) or not -n_layers <= i < n_layers:
+            raise KbError(f"lora.layers: {i!r} is not a layer of this model (it has {n_layers}; use 0..{n_layers - 1} "
+                          f"or -{n_layers}..-1)")
+        out.append(i % n_layers)
+    return sorted(set(out))
+
+
+def _lora_config(cfg: dict[str, Any], n_layers: int) -> Any:
     from peft import LoraConfig
 
     lora = cfg["lora"]
     return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                      target_modules=lora["target_modules"], layers_to_transform=lora["layers"],
+                      target_modules=lora["target_modules"], layers_to_transform=lora_layers(lora["layers"], n_layers),
                       bias=lora["bias"], task_type="CAUSAL_LM")
+
+
+def _n_layers(model: Any) -> int:
+    cfg = getattr(model.config, "text_config", None) or model.config
+    return int(cfg.num_hidden_layers)
 
 
 def loss_curve(log_history: list[dict[str, Any]]) -> dict[str, list[float]]:
@@ -375,6 +394,8 @@ def finetune(train_file: str | Path, config: str | Path | Mapping[str, Any], mod
     lm = load_model(model, device=device, dtype="float32", for_training=True)
     if lm.adapter:
         raise KbError(f"{model}: is a LoRA adapter; fine-tune its base model, or merge the adapter into a full model first")
+    if cfg["tuning"] == "lora":
+        lora_layers(cfg["lora"]["layers"], _n_layers(lm.model))  # before anything is written
     run_key = _run_key(cfg, kind, train_sha, len(rows), lm.fingerprint)
     done = [_prepare_output(out, run_key, resume) if proc.is_main_process else None]
     if proc.num_processes > 1:
@@ -411,7 +432,7 @@ def finetune(train_file: str | Path, config: str | Path | Mapping[str, Any], mod
     last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     trainer = SFTTrainer(
         model=lm.model, args=_sft_config(cfg, kind, ckpt_dir, lm.device), train_dataset=Dataset.from_list(rows),
-        processing_class=lm.tokenizer, peft_config=_lora_config(cfg) if cfg["tuning"] == "lora" else None,
+        processing_class=lm.tokenizer, peft_config=_lora_config(cfg, _n_layers(lm.model)) if cfg["tuning"] == "lora" else None,
         callbacks=list(EXTRA_CALLBACKS) or None,
     )
     if last:

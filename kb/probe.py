@@ -211,7 +211,7 @@ def summarise(records: list[dict[str, Any]], kind: str, name: str, lm: LoadedMod
         out["chance"] = round(chance, 4)
         top = max(share, key=lambda k: share[k])
         if acc < chance + 0.05:
-            out["note"] = (f"accuracy is within 5 points of chance ({chance:.0%}) and {share[top]:.0%} of answers are "
+            out["note"] = (f"accuracy is at most 5 points above chance ({chance:.0%}) and {share[top]:.0%} of answers are "
                            f"'{top}': this model's MCQ 'knowledge boundary' is mostly noise; ParaRel's is more meaningful")
         out["line"] = f"{label}: accuracy {acc:.1%} on {n} questions (chance {chance:.0%}; predicted A/B/C/D " + \
             "/".join(f"{share[k]:.0%}" for k in "ABCD") + ")"

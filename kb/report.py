@@ -637,7 +637,7 @@ def _section_summary(rep: Report, data: list[ModelData]) -> None:
         for ps in md.probes:
             ch = ps.chance()
             if ch is not None and ps.accuracy < ch + 0.05:
-                rep.p(f"Note: {md.name} on {pretty(ps.name)} is within 5 points of chance ({100 * ch:.0f}%): its "
+                rep.p(f"Note: {md.name} on {pretty(ps.name)} is at most 5 points above chance ({100 * ch:.0f}%): its "
                       "multiple-choice knowledge boundary is mostly noise (DESIGN §3); ParaRel's is more meaningful.")
 
 

@@ -444,7 +444,7 @@ def summarise(state: StateFile, lm: LoadedModel, fmt: PromptFormat, wall_s: floa
         chance = float(np.mean([1 / len(r["choices"]) for r in recs]))
         out["chance"] = round(chance, 4)
         if acc < chance + 0.05:
-            out["note"] = (f"accuracy is within 5 points of chance ({chance:.0%}): this model's MCQ state is mostly "
+            out["note"] = (f"accuracy is at most 5 points above chance ({chance:.0%}): this model's MCQ state is mostly "
                            "letter bias, so its Cor/Cer split says little about knowledge")
         out["line"] = (f"{label}: accuracy {acc:.1%}, mean Cor {cor.mean():.3f}, mean Cer {cer.mean():.3f} on {n} "
                        f"questions; {out['n_rehearsable']} with p(gold) > 0.99")

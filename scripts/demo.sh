@@ -19,7 +19,8 @@ MODEL=${MODEL:-smollm2-135m}
 N=${N:-200}                  # questions per probe, and per test set for the R-Tuning models
 N_SOURCE=${N_SOURCE:-200}    # MMLU ID-train questions that R-Tuning data and CRaFT's state are built from
 N_RAIT_TEST=${N_RAIT_TEST:-100}  # questions per test set for the five RAIT models (a subset of the N above)
-RAIT_STEPS=${RAIT_STEPS:-10}     # optimizer steps (of 8 instances) per RAIT fine-tune; the R-Tuning ones take 16
+RT_STEPS=${RT_STEPS:-16}         # optimizer steps (of 8 instances) per R-Tuning fine-tune
+RAIT_STEPS=${RAIT_STEPS:-10}     # optimizer steps (of 8 instances) per RAIT fine-tune
 FT=configs/finetune_cpu_demo.yaml
 TESTS=(--test mmlu:ID_test --test mmlu:OOD_test)
 LABEL=$($PY -c 'import sys; from kb.paths import slug; print(slug(sys.argv[1]))' "$MODEL")
@@ -39,7 +40,7 @@ $PY run_MMLU.py --model "$MODEL" --domain ID --split train --shots 0 --template 
 $PY evaluate.py --model "$MODEL" --template basic "${TESTS[@]}" --limit "$N"
 for method in unsure unknown; do
   run=models/$LABEL/rtuning_$method
-  $PY finetune.py --model "$MODEL" --config "$FT" --output-dir "$run" \
+  $PY finetune.py --model "$MODEL" --config "$FT" --set max_steps="$RT_STEPS" --output-dir "$run" \
     --train-file "training_data/$LABEL/rtuning_${method}_MMLU_ID_train_0shot_mcq_refuse_text2text.json"
   $PY evaluate.py --model "$run" --method "rtuning_$method" "${TESTS[@]}" --limit "$N"
 done

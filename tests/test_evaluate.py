@@ -229,3 +229,21 @@ def test_reclassify_rejudges_stored_replies(initial_results: Path, tiny_model_di
     assert [r["outcome"] for r in again[:2]] == ["refused", "refused"] and again[0]["rtuning_verdict"] == "unsure"
     s = _summary(res, label, "initial", "MMLU_ID_test_mcq_refuse")
     assert s["counts"]["refused"] >= 2 and s["Pr"] == pytest.approx(100 * s["counts"]["refused"] / 6, abs=1e-3)
+
+
+def test_crss_column_follows_the_tuned_model_to_its_training_set(tmp_path):
+    """results_table's CRSS: evaluated dir -> kb_finetune.json -> the RAIT file's kb_meta.crss (x100)."""
+    import json
+
+    from kb.eval_table import training_crss
+
+    train = tmp_path / "rait_craft.json"
+    train.write_text(json.dumps({"type": "text2text", "instances": [{"input": "q", "output": "a"}],
+                                 "kb_meta": {"crss": 0.125}}))
+    run = tmp_path / "craft"
+    run.mkdir()
+    (run / "kb_finetune.json").write_text(json.dumps({"train_file": str(train)}))
+    assert training_crss({"meta": {"model": {"adapter": str(run)}}}) == 12.5
+    (run / "kb_finetune.json").write_text(json.dumps({"train_file": str(tmp_path / "rtuning.json")}))
+    assert training_crss({"meta": {"model": {"adapter": str(run)}}}) is None  # not a RAIT set / moved
+    assert training_crss({"meta": {"model": {"source": str(tmp_path / "base")}}}) is None  # the initial model

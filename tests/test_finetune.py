@@ -198,3 +198,13 @@ def test_two_process_data_parallel_finetune(tiny_model_dir: Path, tmp_path: Path
     curve = json.loads((out / "loss.json").read_text())
     assert sum(curve["loss"][-3:]) / 3 < curve["loss"][0]
     assert load_model(str(out), device="cpu", dtype="float32").adapter
+
+
+def test_lora_layers_count_from_the_top() -> None:
+    assert ft.lora_layers(None, 30) is None
+    assert ft.lora_layers([-2, -1], 30) == [28, 29] and ft.lora_layers([-2, -1], 18) == [16, 17]
+    assert ft.lora_layers([0, 29, -1], 30) == [0, 29]
+    with pytest.raises(KbError, match="lora.layers: 30 is not a layer of this model"):
+        ft.lora_layers([30], 30)
+    with pytest.raises(KbError, match="-19"):
+        ft.lora_layers([-19], 18)

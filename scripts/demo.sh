@@ -8,6 +8,7 @@
 #
 #   bash scripts/demo.sh                      # set up .venv, then run every stage
 #   MODEL=gemma3-270m bash scripts/demo.sh    # the other offline model
+# Sizes (environment): N, N_SOURCE, N_RAIT_TEST, RT_STEPS, RAIT_STEPS, N_REHEARSAL, N_VAN, N_IDK, MIN_COR (below).
 # Outputs: training_data/<model>/ (records, training sets), models/<model>/ (adapters),
 # results/<model>/ (summaries, tables). Every stage resumes: rerun after an interruption.
 # The full-size settings are in configs/ and the per-model launchers scripts/run_<model>.sh.
@@ -49,7 +50,7 @@ stamp "3/4 avoid over-refusal: CRaFT's state, flow, RAIT sets and CRSS (Task 2.2
 $PY query_state.py --model "$MODEL" --dataset mmlu --split ID_train --limit "$N_SOURCE"
 # A 135M model is never 99% sure of an MMLU answer (its best p(gold) on 200 questions was 0.61): relax the
 # rehearsal threshold, recorded in the outputs as `relaxed`.
-$PY rehearsal_finetune.py --model "$MODEL" --dataset mmlu --split ID_train --n-rehearsal 32 \
+$PY rehearsal_finetune.py --model "$MODEL" --dataset mmlu --split ID_train --n-rehearsal "${N_REHEARSAL:-32}" \
   --train-config configs/rehearsal_demo_cpu.yaml --min-cor "${MIN_COR:-0.4}"
 $PY build_rait.py --model "$MODEL" --dataset mmlu --split ID_train --n-van "${N_VAN:-100}" --n-idk "${N_IDK:-100}"
 for method in van cor_rait corcer_rait craft_wo_cer craft; do

@@ -318,9 +318,13 @@ class EvalSet:
     records: list[dict[str, Any]]
     path: Path
 
-    def rates(self) -> dict[str, float]:
-        """Pc, Pw, Pr, P_fail in percent (kb.metrics, as evaluate.py computes them)."""
-        return metrics.rates([outcome_of(r) for r in self.records])
+    def rates(self, ids: set[str] | None = None) -> dict[str, float] | None:
+        """Pc, Pw, Pr, P_fail in percent (kb.metrics, as evaluate.py computes them), over `ids` when
+        given (None when some of them were not evaluated here)."""
+        recs = self.records if ids is None else [r for r in self.records if r["id"] in ids]
+        if ids is not None and len(recs) != len(ids):
+            return None
+        return metrics.rates([outcome_of(r) for r in recs])
 
     def ap(self) -> float | None:
         """R-Tuning's AP as evaluate.py defines it: over answers with both answer_conf and sure_prob,
@@ -496,9 +500,13 @@ def fig_plane(panels: list[tuple[str, list[tuple[str, float, float, float | None
             pc1, pw1 = init
             xs = np.linspace(0, top, 10)
             ax.plot(xs, xs * pc1 / pw1, "k--", lw=1, label="THS = 0 (Pc/Pw of initial model)")
+        same: dict[tuple[float, float, float | None], list[str]] = {}  # methods on one spot share a label
         for method, pc, pw, th in points:
-            ax.scatter([pw], [pc], s=40, marker="*" if is_initial(method) else "o", zorder=3)
-            label = method if th is None or is_initial(method) else f"{method} (THS {th:+.1f})"
+            same.setdefault((round(pc, 1), round(pw, 1), None if th is None else round(th, 1)), []).append(method)
+        for (pc, pw, th), methods in same.items():
+            ax.scatter([pw], [pc], s=40, marker="*" if any(map(is_initial, methods)) else "o", zorder=3)
+            names = ", ".join(methods)
+            label = names if th is None or all(map(is_initial, methods)) else f"{names} (THS {th:+.1f})"
             ax.annotate(label, (pw, pc), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xlim(0, top)
         ax.set_ylim(0, top)
@@ -551,9 +559,11 @@ def method_rows(md: ModelData) -> list[dict[str, Any]]:
     rows = []
     for test, evs in sorted(by_test.items()):
         init = next((e for e in evs if is_initial(e.method)), None)
-        r1 = init.rates() if init else None
         for ev in sorted(evs, key=lambda e: (not is_initial(e.method), e.method)):
             r = ev.rates()
+            assert r is not None
+            # THS against the initial model on this method's own questions (a smaller --limit is a subset)
+            r1 = init.rates({x["id"] for x in ev.records}) if init else None
             rows.append({"model": md.name, "test_set": test, "method": ev.method, "n": len(ev.records), **r,
                          "THS": metrics.ths(r["Pc"], r["Pw"], r1["Pc"], r1["Pw"]) if r1 else None,
                          "AP": None if ev.ap() is None else 100 * ev.ap(),  # type: ignore[operator]

@@ -185,3 +185,18 @@ def test_unreadable_stage_file_is_reported(tmp_path: Path) -> None:
     _jsonl(tmp_path / "training_data" / "m1" / "state_MMLU_ID_train.jsonl", [{"id": "x", "cor": 0.5}])
     rep = build_report(tmp_path / "training_data", tmp_path / "results")
     assert any("unreadable stage file" in m and "state_MMLU_ID_train.jsonl" in m for m in rep.missing)
+
+
+def test_ths_of_a_subset_evaluation_uses_the_initial_model_on_the_same_questions(tmp_path: Path) -> None:
+    """A method evaluated on fewer questions (a smaller --limit) is compared with the initial model on those."""
+    full_tree(tmp_path)
+    rd = tmp_path / "results" / "m1" / "eval"
+    init = [json.loads(x) for x in (rd / "initial" / "MMLU_val_mcq_basic.jsonl").read_text().splitlines()]
+    # 'van' saw questions 0-1 (initial: correct) and 4-7 (initial: wrong): Pc1 = 33.33, Pw1 = 66.67 there.
+    outcomes = ["correct", "correct", "correct", "incorrect", "refused", "refused"]
+    van = [{**r, "method": "van", "outcome": o, "outcome_broad": o} for r, o in zip(init[:2] + init[4:8], outcomes)]
+    _jsonl(rd / "van" / "MMLU_val_mcq_refuse.jsonl", van)
+    report.main(["--output-dir", str(tmp_path / "training_data"), "--results-dir", str(tmp_path / "results")])
+    row = _row((tmp_path / "results" / "report.md").read_text(), "van")
+    # Pc 50, Pw 16.67: THS = (50 * 66.67 - 16.67 * 33.33) / 66.67 = 41.67 (against all 10 questions: 33.33)
+    assert row[2] == "6" and row[3] == "50.00" and row[7] == "41.67"

@@ -513,7 +513,7 @@ def fig_plane(panels: list[tuple[str, list[tuple[str, float, float, float | None
         ax.set_xlabel("Pw: answered wrongly (%)")
         ax.set_ylabel("Pc: answered correctly (%)")
         ax.set_title(title, fontsize=9)
-        if init is not None:
+        if init is not None and init[1] > 0:  # the THS = 0 line exists only when the initial model errs
             ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     return fig

@@ -9,6 +9,7 @@ model and test set, when both saw the same questions. Other stages add columns t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,12 @@ def training_crss(s: dict[str, Any]) -> float | None:
     train = read_json(Path(run) / "kb_finetune.json").get("train_file")
     if not train or not Path(train).is_file():
         return None
+    return _file_crss(str(train))
+
+
+@functools.lru_cache(maxsize=64)
+def _file_crss(train: str) -> float | None:
+    """kb_meta.crss of one training file (x100), read once although each test set has a row for it."""
     data = read_json(Path(train))
     crss = (data.get("kb_meta") or {}).get("crss") if isinstance(data, dict) else None
     return None if crss is None else round(100 * float(crss), 1)

@@ -15,6 +15,14 @@ def repo_path(path: str | os.PathLike[str]) -> Path:
     return p if p.is_absolute() else REPO_ROOT / p
 
 
+def shown_path(path: str | os.PathLike[str]) -> str:
+    """A path as a reader of a written file can use it: relative to the repo when inside it."""
+    try:
+        return Path(path).resolve().relative_to(REPO_ROOT.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def cache_dir() -> Path:
     """Where converted checkpoints and other reusable artefacts live (override with KB_CACHE)."""
     root = os.environ.get("KB_CACHE") or Path.home() / ".cache" / "kb"

@@ -38,6 +38,7 @@ from kb import metrics  # noqa: E402
 from kb.calibration import DEFAULT_BINS, ece, reliability_bins  # noqa: E402
 from kb.errors import KbError  # noqa: E402
 from kb.io import read_json, read_jsonl  # noqa: E402
+from kb.paths import shown_path  # noqa: E402
 
 OUTCOMES = metrics.LABELS  # Pc + Pw + Pr + P_fail = 100%
 _OUTCOME_ALIASES = {"correct": "correct", "incorrect": "incorrect", "wrong": "incorrect", "refused": "refused",
@@ -596,24 +597,14 @@ def build_report(training_dir: Path, results_dir: Path, models: Sequence[str] | 
     data = [load_model_data(n, training_dir, results_dir) for n in names]
     rep = Report(report_dir or results_dir)
     rep.h(1, "Knowledge-boundary report")
-    rep.p(f"Models: {', '.join(names)}. Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from `{_shown(training_dir)}` and "
-          f"`{_shown(results_dir)}`. Every number below is recomputed from the per-question record files.")
+    rep.p(f"Models: {', '.join(names)}. Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from `{shown_path(training_dir)}` and "
+          f"`{shown_path(results_dir)}`. Every number below is recomputed from the per-question record files.")
     _section_summary(rep, data)
     _section_boundary(rep, data)
     _section_state(rep, data)
     _section_calibration(rep, data)
     _section_methods(rep, data)
     return rep
-
-
-def _shown(path: Path) -> str:
-    """A path as a reader of the report can use it: relative to the repo when inside it."""
-    from kb.paths import REPO_ROOT
-
-    try:
-        return Path(path).resolve().relative_to(REPO_ROOT.resolve()).as_posix()
-    except ValueError:
-        return str(path)
 
 
 def _section_summary(rep: Report, data: list[ModelData]) -> None:

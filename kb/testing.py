@@ -57,3 +57,17 @@ def save_tiny(path: str | Path, arch: str = "llama", chat_template: bool = True,
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def torchrun(script: str, args: list[Any], nproc: int = 2) -> Any:
+    """Run a stage script under torchrun with `nproc` CPU processes (gloo), as the data-parallel tests do."""
+    import os
+    import subprocess
+    import sys
+
+    from kb.paths import REPO_ROOT
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                           str(REPO_ROOT / script), *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600)

@@ -5,10 +5,6 @@ Tiny random models (Llama, Gemma, Gemma 3 with a sliding window shorter than the
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -23,8 +19,7 @@ from kb.engine import (
     letter_probs,
     plan_batches,
 )
-from kb.paths import REPO_ROOT
-from kb.testing import tiny_model, tiny_tokenizer
+from kb.testing import tiny_model, tiny_tokenizer, torchrun
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -162,10 +157,7 @@ def test_two_ranks_merge_into_the_single_process_file(tmp_path, tiny_model_dir):
     args = ["--model", str(tiny_model_dir), "--device", "cpu", "--limit", "24", "--shots", "5", "--batch-size", "3",
             "--method", "uncertain", "--results-dir", str(tmp_path / "res")]
     main([*args, "--output-dir", str(tmp_path / "one")])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(REPO_ROOT / "run_MMLU.py"), *args, "--output-dir", str(tmp_path / "two")],
-                          capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600)
+    proc = torchrun("run_MMLU.py", [*args, "--output-dir", tmp_path / "two"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = tmp_path / "one" / "tiny-llama", tmp_path / "two" / "tiny-llama"
     names = sorted(p.name for p in one.iterdir() if not p.name.endswith(".meta.json"))

@@ -176,20 +176,14 @@ def test_unknown_override_is_rejected_by_the_cli(tiny_model_dir: Path, tmp_path:
 
 def test_two_process_data_parallel_finetune(tiny_model_dir: Path, tmp_path: Path) -> None:
     """torchrun with 2 CPU processes (gloo, DDP through the Trainer): one output dir, written once, that loads."""
-    import os
-    import subprocess
-    import sys
-
     from kb.models import load_model
+    from kb.testing import torchrun
 
     data = write_lmflow(tmp_path / "train.json")
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config()))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(REPO_ROOT / "finetune.py"), "--model", str(tiny_model_dir), "--config", str(cfg),
-                           "--train-file", str(data), "--output-dir", str(tmp_path / "run")],
-                          capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600)
+    proc = torchrun("finetune.py", ["--model", tiny_model_dir, "--config", cfg, "--train-file", data,
+                                    "--output-dir", tmp_path / "run"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "run"
     meta = json.loads((out / "kb_finetune.json").read_text())

@@ -175,21 +175,14 @@ def test_open_state_resumes_to_identical_records(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("dataset", ["mmlu", "pararel"])
 def test_two_ranks_write_the_single_process_state_files(tmp_path, tiny_model_dir, dataset):
     """torchrun with 2 CPU processes (gloo): records, representations and their index equal a single run's."""
-    import os
-    import subprocess
-    import sys
-
-    from kb.paths import REPO_ROOT
+    from kb.testing import torchrun
     from query_state import main
 
     extra = ["--dataset", dataset, "--limit", 12, "--batch-size", 2]
     if dataset == "pararel":
         extra += ["--shots", 0, "--n-samples", 3, "--max-new-tokens", 5]
     main(query_args(tmp_path / "one", tiny_model_dir, *extra))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(REPO_ROOT / "query_state.py"), *query_args(tmp_path / "two", tiny_model_dir, *extra)],
-                          capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600)
+    proc = torchrun("query_state.py", query_args(tmp_path / "two", tiny_model_dir, *extra))
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = tmp_path / "one" / "td" / "tiny-llama", tmp_path / "two" / "td" / "tiny-llama"
     names = sorted(p.name for p in one.iterdir())

@@ -18,10 +18,10 @@ source scripts/setup.sh
 PY=.venv/bin/python
 MODEL=${MODEL:-smollm2-135m}
 N=${N:-200}                  # questions per probe, and per test set for the R-Tuning models
-N_SOURCE=${N_SOURCE:-200}    # MMLU ID-train questions that R-Tuning data and CRaFT's state are built from
-N_RAIT_TEST=${N_RAIT_TEST:-100}  # questions per test set for the five RAIT models (a subset of the N above)
-RT_STEPS=${RT_STEPS:-16}         # optimizer steps (of 8 instances) per R-Tuning fine-tune
-RAIT_STEPS=${RAIT_STEPS:-10}     # optimizer steps (of 8 instances) per RAIT fine-tune
+N_SOURCE=${N_SOURCE:-100}    # MMLU ID-train questions that R-Tuning data and CRaFT's state are built from
+N_RAIT_TEST=${N_RAIT_TEST:-50}  # questions per test set for the five RAIT models (a subset of the N above)
+RT_STEPS=${RT_STEPS:-10}         # optimizer steps (of 8 instances) per R-Tuning fine-tune
+RAIT_STEPS=${RAIT_STEPS:-6}      # optimizer steps (of 8 instances) per RAIT fine-tune
 FT=configs/finetune_cpu_demo.yaml
 TESTS=(--test mmlu:ID_test --test mmlu:OOD_test)
 LABEL=$($PY -c 'import sys; from kb.paths import slug; print(slug(sys.argv[1]))' "$MODEL")
@@ -52,7 +52,7 @@ $PY query_state.py --model "$MODEL" --dataset mmlu --split ID_train --limit "$N_
 # rehearsal threshold, recorded in the outputs as `relaxed`.
 $PY rehearsal_finetune.py --model "$MODEL" --dataset mmlu --split ID_train --n-rehearsal "${N_REHEARSAL:-32}" \
   --train-config configs/rehearsal_demo_cpu.yaml --min-cor "${MIN_COR:-0.4}"
-$PY build_rait.py --model "$MODEL" --dataset mmlu --split ID_train --n-van "${N_VAN:-100}" --n-idk "${N_IDK:-100}"
+$PY build_rait.py --model "$MODEL" --dataset mmlu --split ID_train --n-van "${N_VAN:-50}" --n-idk "${N_IDK:-50}"
 for method in van cor_rait corcer_rait craft_wo_cer craft; do
   run=models/$LABEL/$method
   $PY finetune.py --model "$MODEL" --config "$FT" --set max_steps="$RAIT_STEPS" --output-dir "$run" \

@@ -202,3 +202,28 @@ def test_lora_layers_count_from_the_top() -> None:
         ft.lora_layers([30], 30)
     with pytest.raises(KbError, match="-19"):
         ft.lora_layers([-19], 18)
+
+
+@pytest.mark.parametrize("kind", ["text2text", "text_only"])
+def test_completion_loss_equals_trl_loss(tiny_model_dir: Path, tmp_path: Path, kind: str) -> None:
+    """The trainer's loss (LM head on labelled positions only) is TRL's own loss on the same batch."""
+    import torch
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from kb.models import load_model
+
+    _, rows, _ = ft.load_training_file(write_lmflow(tmp_path / "train.json", kind), None)
+    lm = load_model(str(tiny_model_dir), device="cpu", dtype="float32", for_training=True)
+    cfg = ft.resolve_config(tiny_config())[0]
+    trainer = ft.completion_loss_trainer()(
+        model=lm.model, args=ft._sft_config(cfg, kind, tmp_path / "ckpt", "cpu"), train_dataset=Dataset.from_list(rows),
+        processing_class=lm.tokenizer)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert kind == "text_only" or (batch["labels"] == -100).float().mean() > 0.5  # prompts are masked
+    n = (batch["labels"][:, 1:] != -100).sum()
+    with torch.no_grad():
+        ours = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=n)
+        theirs = SFTTrainer.compute_loss(trainer, trainer.model, dict(batch), num_items_in_batch=n)
+        alone = trainer.compute_loss(trainer.model, dict(batch))
+    assert torch.allclose(ours, theirs, rtol=1e-5) and torch.allclose(alone, theirs, rtol=1e-5)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from kb.data import LETTERS
+from kb.models import text_config
 
 MIN_SHARED_PREFIX = 8  # tokens; below this a prefix cache is not worth its bookkeeping
 BATCH_OVERHEAD_TOKENS = 256  # least fixed cost of one forward pass, in padded tokens; the planner trades the two
@@ -148,8 +149,7 @@ def auto_token_budget(model: Any, *, generation: bool = False, fraction: float |
         return 16384
     free, _ = torch.cuda.mem_get_info()
     free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # this process's cached, reusable blocks
-    cfg = model.config
-    cfg = getattr(cfg, "text_config", None) or cfg
+    cfg = text_config(model)
     layers = getattr(cfg, "num_hidden_layers", 32)
     kv_heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", 32)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -167,7 +167,7 @@ def pass_overhead_tokens(model: Any) -> int:
     tokens, a token ~2 x params / 5e14 s (CPU: ~0.2 ms per layer, 1e11 FLOP/s). Under the cascade path
     padding only enters the suffixes' own attention, about 1/20 of a token's cost, so passes weigh 20x more.
     """
-    cfg = getattr(model.config, "text_config", None) or model.config
+    cfg = text_config(model)
     cuda = next(model.parameters()).device.type == "cuda"
     params = sum(p.numel() for p in model.parameters())
     per_pass = getattr(cfg, "num_hidden_layers", 32) * (0.43e-3 if cuda else 0.2e-3)

@@ -51,6 +51,11 @@ class LoadedModel:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def text_config(model: Any) -> Any:
+    """The language model's config: multimodal wrappers (Gemma-3 4B+, ...) nest it as `text_config`."""
+    return getattr(model.config, "text_config", None) or model.config
+
+
 def default_device() -> str:
     import torch
 

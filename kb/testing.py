@@ -67,7 +67,9 @@ def torchrun(script: str, args: list[Any], nproc: int = 2) -> Any:
 
     from kb.paths import REPO_ROOT
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    # No GPU for the children: on a one-GPU machine both ranks would pick cuda:0 and NCCL refuses that.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                            str(REPO_ROOT / script), *map(str, args)],
                           capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600)

@@ -19,6 +19,7 @@ from pathlib import Path
 import common  # bench/common.py: puts the repo on sys.path, so it comes before kb
 
 from kb import finetune as ft
+from kb.errors import cli_main
 from kb.io import write_json
 
 
@@ -40,6 +41,7 @@ def run(trainer: str, args: argparse.Namespace, out: Path) -> dict:
             "s_per_step": round(meta["train_wall_s"] / meta["steps"], 3), "loss": loss}
 
 
+@cli_main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-file", required=True, help="an LMFlow file (the demo writes R-Tuning's to training_data/)")

@@ -325,12 +325,13 @@ def lora_layers(layers: list[int] | None, n_layers: int) -> list[int] | None:
     return sorted(set(out))
 
 
-def _lora_config(cfg: dict[str, Any], n_layers: int) -> Any:
+def _lora_config(cfg: dict[str, Any], layers: list[int] | None) -> Any:
+    """PEFT's config from the recipe's lora block; `layers` = lora_layers() against the loaded model."""
     from peft import LoraConfig
 
     lora = cfg["lora"]
     return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                      target_modules=lora["target_modules"], layers_to_transform=lora_layers(lora["layers"], n_layers),
+                      target_modules=lora["target_modules"], layers_to_transform=layers,
                       bias=lora["bias"], task_type="CAUSAL_LM")
 
 
@@ -432,8 +433,8 @@ def finetune(train_file: str | Path, config: str | Path | Mapping[str, Any], mod
     lm = load_model(model, device=device, dtype="float32", for_training=True)
     if lm.adapter:
         raise KbError(f"{model}: is a LoRA adapter; fine-tune its base model, or merge the adapter into a full model first")
-    if cfg["tuning"] == "lora":
-        lora_layers(cfg["lora"]["layers"], _n_layers(lm.model))  # before anything is written
+    lora = cfg["tuning"] == "lora"
+    layers = lora_layers(cfg["lora"]["layers"], _n_layers(lm.model)) if lora else None  # before anything is written
     run_key = _run_key(cfg, kind, train_sha, len(rows), lm.fingerprint)
     done = [_prepare_output(out, run_key, resume) if proc.is_main_process else None]
     if proc.num_processes > 1:
@@ -469,7 +470,7 @@ def finetune(train_file: str | Path, config: str | Path | Mapping[str, Any], mod
     last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     trainer = completion_loss_trainer()(
         model=lm.model, args=_sft_config(cfg, kind, ckpt_dir, lm.device), train_dataset=Dataset.from_list(rows),
-        processing_class=lm.tokenizer, peft_config=_lora_config(cfg, _n_layers(lm.model)) if cfg["tuning"] == "lora" else None,
+        processing_class=lm.tokenizer, peft_config=_lora_config(cfg, layers) if lora else None,
         callbacks=list(EXTRA_CALLBACKS) or None,
     )
     if last:

@@ -9,7 +9,7 @@
 #   bash scripts/demo.sh                      # set up .venv, then run every stage
 #   MODEL=gemma3-270m bash scripts/demo.sh    # the other offline model
 # Sizes (environment): N, N_SOURCE, N_RAIT_TEST, RT_STEPS, RAIT_STEPS, N_REHEARSAL, N_VAN, N_IDK, MIN_COR (below).
-# At these defaults: 26 min 48 s from a fresh clone on 2 idle CPU cores, steps 1-2 in 16 min (README).
+# At these defaults: 26.5-28.5 min from a fresh clone on 2 idle CPU cores, steps 1-2 in 15-17 min (README).
 # Outputs: training_data/<model>/ (records, training sets), models/<model>/ (adapters),
 # results/<model>/ (summaries, tables). Every stage resumes: rerun after an interruption.
 # The full-size settings are in configs/ and the per-model launchers scripts/run_<model>.sh.

@@ -14,9 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kb import metrics
+from kb import bootstrap, metrics
 from kb.errors import KbError
-from kb.io import read_json, write_text
+from kb.io import read_json, read_jsonl, write_text
 from kb.paths import repo_path
 
 COLUMNS = ("model", "method", "test set", "prompt", "n", "Pc", "Pw", "Pr", "P_fail", "THS", "AP", "Pr broad")
@@ -50,7 +50,11 @@ def _ths(s: dict[str, Any], initial: dict[str, Any] | None) -> float | None:
     if initial is None:
         return None
     same = (s.get("meta") or {}).get("questions") == (initial.get("meta") or {}).get("questions")
-    return metrics.ths(s["Pc"], s["Pw"], initial["Pc"], initial["Pw"]) if same else None
+    return metrics.ths_of_rates(s, initial) if same else None
+
+
+def _with_ci(s: dict[str, Any], key: str, value: float | None) -> str:
+    return bootstrap.fmt(value, (s.get("ci") or {}).get(key) if value is not None else None)
 
 
 def _extra(col: ExtraColumn, s: dict[str, Any]) -> Any:
@@ -68,11 +72,10 @@ def table_rows(summaries: list[dict[str, Any]], extra_columns: Mapping[str, Extr
     rows = []
     for s in sorted(summaries, key=lambda s: (s["model"], s["test_set"], s["row"] != "initial",
                                               not s["row"].startswith("initial"), s["row"])):
-        ap = s.get("AP")
+        ths = _ths(s, initial.get((s["model"], s["test_set"])))
         row = {"model": s["model"], "method": s["row"], "test set": s["test_set"], "prompt": s["template"],
-               "n": s["n"], "Pc": s["Pc"], "Pw": s["Pw"], "Pr": s["Pr"], "P_fail": s["P_fail"],
-               "THS": _ths(s, initial.get((s["model"], s["test_set"]))), "AP": ap,
-               "Pr broad": s["broad"]["Pr"]}
+               "n": s["n"], **{k: _with_ci(s, k, s[k]) for k in ("Pc", "Pw", "Pr")}, "P_fail": s["P_fail"],
+               "THS": _with_ci(s, "THS", ths), "AP": _with_ci(s, "AP", s.get("AP")), "Pr broad": s["broad"]["Pr"]}
         for name, col in (extra_columns or {}).items():
             row[name] = _extra(col, s)
         rows.append(row)
@@ -97,8 +100,11 @@ def markdown(rows: list[dict[str, Any]], extra: Sequence[str] = ()) -> str:
 NOTES = (
     "Pc / Pw / Pr / P_fail: % of questions answered correctly / wrongly / refused (strict: the reply contains "
     "\"I don't know\"; R-Tuning's \"... I am unsure.\" also counts) / unparseable; they sum to 100. "
-    "THS = (Pc·Pw1 − Pw·Pc1)/Pw1 against the initial model's BASIC row (method `initial`) on the same "
-    "questions; 0 for it, 100 for a perfect model. AP: R-Tuning's average precision (×100) of "
+    "THS = (Pc·W1 − W·Pc1)/W1 with W = Pw + P_fail (an unparseable reply counts as wrong, as in CRaFT), "
+    "against the initial model's BASIC row (method `initial`, Pc1 and W1) on the same "
+    "questions; 0 for it, 100 for a perfect model. `value [lo, hi]`: the value and its 95% bootstrap interval "
+    f"over questions ({bootstrap.N_RESAMPLES} seeded resamples; THS's resamples the method and the initial "
+    "model together). AP: R-Tuning's average precision (×100) of "
     "0.5·answer confidence + 0.5·p(sure). Pr broad: refusals by the broader phrase list (kb/answers.py). "
     "CRSS (×100): CRaFT's static conflict rate of the RAIT set the model was tuned on (build_rait.py, "
     "τ_sim from its file); – for models not tuned on a RAIT set. "
@@ -129,6 +135,75 @@ def _file_crss(train: str) -> float | None:
 
 DEFAULT_EXTRA: dict[str, ExtraColumn] = {"CRSS": training_crss}
 
+# Method pairs compared head to head where both were evaluated (besides every method vs the initial model):
+# CRaFT's claim over R-Tuning-style supervision, and refusal tuning against the free confidence threshold.
+COMPARISONS = (("craft", "cor_rait"), ("craft", "corcer_rait"), ("rtuning_unsure", "threshold"),
+               ("rtuning_unknown", "threshold"), ("craft", "threshold"), ("cor_rait", "threshold"))
+DIFF_COLUMNS = ("test set", "comparison", "n", "ΔPc", "ΔW", "ΔPr", "ΔTHS")
+
+
+def _records(s: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The per-question records beside a summary (none when they were not kept: no paired rows then)."""
+    path = Path(s["_path"]).with_name(s.get("records") or Path(s["_path"]).with_suffix(".jsonl").name)
+    return {r["id"]: r for r in read_jsonl(path)} if path.is_file() else {}
+
+
+def difference_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Paired differences on the questions two runs share: each method minus the initial model (ΔPc, ΔW =
+    Δ(Pw + P_fail), ΔPr), and the pairs of COMPARISONS (also ΔTHS, both against the initial model)."""
+    runs = {(s["model"], s["test_set"], s["row"]): s for s in summaries}
+    cache: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def recs(s: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        if s["_path"] not in cache:
+            cache[s["_path"]] = _records(s)
+        return cache[s["_path"]]
+
+    rows = []
+    for model, test in sorted({(m, t) for m, t, _ in runs}):
+        init = runs.get((model, test, "initial"))
+        if init is None:
+            continue
+        pairs = [(r, "initial") for m, t, r in sorted(runs) if (m, t) == (model, test) and not r.startswith("initial")]
+        pairs += [(a, b) for a, b in COMPARISONS if (model, test, a) in runs and (model, test, b) in runs]
+        for a, b in pairs:
+            ra, rb, r0 = recs(runs[(model, test, a)]), recs(runs[(model, test, b)]), recs(init)
+            ids = [i for i in ra if i in rb and i in r0]
+            if len(ids) < 2:
+                continue
+            xa, xb, x0 = (bootstrap.codes([r[i]["outcome"] for i in ids]) for r in (ra, rb, r0))
+            row: dict[str, Any] = {"model": model, "test set": test, "comparison": f"{a} − {b}", "n": len(ids)}
+            for key, stat in (("ΔPc", bootstrap.rate_of("correct")), ("ΔW", bootstrap.rate_of("incorrect", "fail_parse")),
+                              ("ΔPr", bootstrap.rate_of("refused"))):
+                row[key] = bootstrap.difference(stat, [xa], [xb])
+            row["ΔTHS"] = bootstrap.difference(bootstrap.ths_stat, [xa], [xb], [x0]) if b != "initial" else None
+            rows.append(row)
+    return rows
+
+
+def _diff_cell(d: dict[str, Any] | None) -> str:
+    if d is None:
+        return "–"
+    return bootstrap.fmt(d["value"], d["ci"]) + (" *" if d["significant"] else "")
+
+
+def differences_markdown(rows: list[dict[str, Any]]) -> str:
+    cols = list(DIFF_COLUMNS)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r[c]) if c in ("test set", "comparison", "n") else _diff_cell(r[c])
+                                       for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+DIFF_NOTES = (
+    "Paired differences on the same questions (first method minus second), with their 95% bootstrap interval "
+    "(questions resampled together); * marks an interval that excludes 0. ΔW is the change in wrong answers "
+    "(Pw + P_fail); ΔTHS compares the two methods' THS against the same initial model. A difference without * "
+    "is not distinguishable from sampling noise at this number of questions; one with * is, for these "
+    "questions and this one training run (seed), not across training runs."
+)
+
 
 def build_table(results_dir: str | Path = "results", models: Sequence[str] | None = None,
                 extra_columns: Mapping[str, ExtraColumn] | None = None, write: bool = True) -> dict[str, str]:
@@ -142,8 +217,12 @@ def build_table(results_dir: str | Path = "results", models: Sequence[str] | Non
         raise KbError(f"{repo_path(results_dir)}: no evaluation summaries found (run evaluate.py first)")
     out = {}
     for model in sorted({s["model"] for s in summaries}):
-        rows = table_rows([s for s in summaries if s["model"] == model], extra_columns)
+        mine = [s for s in summaries if s["model"] == model]
+        rows = table_rows(mine, extra_columns)
         text = f"# Evaluation: {model}\n\n" + markdown(rows, list(extra_columns or {})) + "\n" + NOTES + "\n"
+        diffs = difference_rows(mine)
+        if diffs:
+            text += "\n## Paired differences\n\n" + differences_markdown(diffs) + "\n" + DIFF_NOTES + "\n"
         if write:
             write_text(repo_path(results_dir) / model / "table_rtuning.md", text)
         out[model] = text

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kb import metrics
+from kb import bootstrap, metrics
 from kb.answers import classify_reply, cut_at_period, rtuning_answer_part, rtuning_verdict
 from kb.data import LETTERS, Sample, dataset_spec, display_name, load_split, subset
 from kb.engine import PrefixScorer, auto_token_budget, letter_candidates, letter_probs, plan_batches
@@ -38,7 +38,7 @@ from kb.finetune import read_base_info
 from kb.io import RecordLog, read_json, read_jsonl, write_json, write_jsonl
 from kb.models import LoadedModel, load_model, resolve_model
 from kb.paths import repo_path, slug
-from kb.prompts import PromptFormat, join_answer, render, resolve_chat, rtuning_strings, sure_probe_suffix, templates
+from kb.prompts import PromptFormat, base_shots, join_answer, render, resolve_chat, rtuning_strings, sure_probe_suffix, templates
 from kb.provenance import make_meta, recorded_args, start_records
 
 DEFAULT_MAX_NEW_TOKENS = {"mcq": 8, "open": 16}  # MCQ replies are a letter or "I don't know."
@@ -184,7 +184,9 @@ def evaluate_set(lm: LoadedModel, label: str, method: str, tuned: bool, dataset:
     batches = plan_batches(seqs, [""] * len(samples), args.batch_size, budget, share_prefix=True, extra_tokens=max_new,
                            overhead_tokens=decode_step_tokens(lm.model))
     scorer = PrefixScorer(lm.model, tok.pad_token_id)
-    decoder = GreedyDecoder(lm.model, tok.pad_token_id, stop_token_ids(lm))
+    # Solved examples before the question (base models): the reply is the rest of its line, as in the examples.
+    stops = stop_token_ids(lm) | (newline_token_ids(tok) if base_shots(fmt) else set())
+    decoder = GreedyDecoder(lm.model, tok.pad_token_id, stops)
     cands = letter_candidates(tok) if kind == "mcq" else []
     sure_ids = [tok.encode(w, add_special_tokens=False) for w in (" sure", " unsure")]
     name = f"{row} {test_name(dataset, split)}"
@@ -219,6 +221,7 @@ def write_summary(args: argparse.Namespace, meta: dict[str, Any], records: list[
     baseline = find_baseline(args, label, dataset, split, kind, meta, records, row, summary)
     summary["baseline"] = baseline
     summary["THS"] = _round(baseline.get("THS"))
+    summary["ci"]["THS"] = baseline.get("THS_ci")
     summary["broad"]["THS"] = _round(baseline.get("THS_broad"))
     summary["line"] = _line(label, summary)
     summary["meta"] = meta
@@ -363,6 +366,18 @@ def decode_step_tokens(model: Any) -> int | None:
     return 32 if next(model.parameters()).device.type == "cpu" else None
 
 
+def newline_token_ids(tokenizer: Any) -> set[int]:
+    """Every token whose text contains a line break (decoded one by one, once per tokenizer)."""
+    key = (tokenizer.name_or_path, len(tokenizer))
+    if key not in _NEWLINE_IDS:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        _NEWLINE_IDS[key] = {i for i, t in enumerate(texts) if "\n" in t}
+    return _NEWLINE_IDS[key]
+
+
+_NEWLINE_IDS: dict[tuple[str, int], set[int]] = {}
+
+
 def stop_token_ids(lm: LoadedModel) -> set[int]:
     """What ends a reply: the tokenizer's EOS and the generation config's (HF generate's rule)."""
     ids = {lm.tokenizer.eos_token_id}
@@ -454,6 +469,11 @@ def summarise_eval(records: list[dict[str, Any]], kind: str) -> dict[str, Any]:
         if with_conf else None
     out["AP"] = _round(None if ap is None else 100 * ap)
     out["AP_n"] = len(with_conf)
+    # 95% bootstrap intervals over questions (kb.bootstrap); THS's is added with its baseline.
+    out["ci"] = bootstrap.rate_intervals([r["outcome"] for r in records])
+    out["ci"]["AP"] = bootstrap.ap_interval([bool(r["ap_correct"]) for r in with_conf],
+                                            [metrics.confidence_score(r["answer_conf"], r["sure_prob"]) for r in with_conf]) \
+        if ap is not None else None
     if with_conf:
         out["mean_sure_prob"] = round(float(np.mean([r["sure_prob"] for r in with_conf])), 6)
         out["ap_accuracy"] = round(100 * float(np.mean([bool(r["ap_correct"]) for r in with_conf])), 4)
@@ -471,8 +491,8 @@ def _round(x: float | None, nd: int = 4) -> float | None:
 
 
 def _line(label: str, s: dict[str, Any]) -> str:
-    ths = "n/a" if s["THS"] is None else f"{s['THS']:.1f}"
-    ap = "n/a" if s["AP"] is None else f"{s['AP']:.1f}"
+    ths = "n/a" if s["THS"] is None else bootstrap.fmt(s["THS"], s["ci"].get("THS"))
+    ap = "n/a" if s["AP"] is None else bootstrap.fmt(s["AP"], s["ci"].get("AP"))
     return (f"{label} {s['row']} {s['test_set']} ({s['template']}, n={s['n']}): Pc {s['Pc']:.1f} Pw {s['Pw']:.1f} "
             f"Pr {s['Pr']:.1f} P_fail {s['P_fail']:.1f} | THS {ths} | AP {ap} | Pr broad {s['broad']['Pr']:.1f}")
 
@@ -482,10 +502,10 @@ def _line(label: str, s: dict[str, Any]) -> str:
 
 def find_baseline(args: argparse.Namespace, label: str, dataset: str, split: str, kind: str, meta: dict[str, Any],
                   records: list[dict[str, Any]], row: str, summary: dict[str, Any]) -> dict[str, Any]:
-    """The initial model's BASIC run on the same test set -> Pc1, Pw1 and THS (null with a note when absent)."""
+    """THS against the initial model's BASIC run on the same questions, with its paired 95% interval
+    (null with a note when that run is absent or saw other questions)."""
     if row == INITIAL:  # this is the baseline itself
-        base = {"path": "self", "Pc": summary["Pc"], "Pw": summary["Pw"],
-                "broad": {"Pc": summary["broad"]["Pc"], "Pw": summary["broad"]["Pw"]}}
+        base = {"path": "self", "outcomes": {r["id"]: (r["outcome"], r["outcome_broad"]) for r in records}}
     else:
         path = repo_path(args.baseline) if getattr(args, "baseline", None) else \
             eval_paths(args.results_dir, label, INITIAL, dataset, split, basic_template(kind))[1]
@@ -493,33 +513,31 @@ def find_baseline(args: argparse.Namespace, label: str, dataset: str, split: str
             return {"path": str(path), "THS": None, "THS_broad": None,
                     "note": f"THS not computed: no initial BASIC summary at {path}; run evaluate.py --model <base> "
                             f"--test {dataset}:{split} --template basic first (or pass --baseline)"}
-        base = _baseline_rates(path, read_json(path), meta, records)
+        base = baseline_outcomes(path, read_json(path), records)
         if "note" in base:
             return {**base, "THS": None, "THS_broad": None}
-    return {**base, "THS": metrics.ths(summary["Pc"], summary["Pw"], base["Pc"], base["Pw"]),
-            "THS_broad": metrics.ths(summary["broad"]["Pc"], summary["broad"]["Pw"], base["broad"]["Pc"],
-                                     base["broad"]["Pw"])}
+    ids = [r["id"] for r in records]
+    strict1 = [base["outcomes"][i][0] for i in ids]
+    broad1 = [base["outcomes"][i][1] for i in ids]
+    r1, b1 = metrics.rates(strict1), metrics.rates(broad1)
+    return {"path": base["path"], "n": len(ids), "Pc": r1["Pc"], "Pw": r1["Pw"], "P_fail": r1["P_fail"],
+            "broad": {"Pc": b1["Pc"], "Pw": b1["Pw"], "P_fail": b1["P_fail"]},
+            "THS": metrics.ths_of_rates(metrics.rates([r["outcome"] for r in records]), r1),
+            "THS_ci": None if row == INITIAL else bootstrap.ths_interval([r["outcome"] for r in records], strict1),
+            "THS_broad": metrics.ths_of_rates(metrics.rates([r["outcome_broad"] for r in records]), b1)}
 
 
-def _baseline_rates(path: Path, base: dict[str, Any], meta: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Pc1, Pw1 from the baseline summary when it saw the same questions, else recomputed from its
-    records on this run's questions (when it has them all)."""
-    mine = meta.get("questions")
-    theirs = (base.get("meta") or {}).get("questions")
-    if mine == theirs:
-        return {"path": str(path), "Pc": base["Pc"], "Pw": base["Pw"],
-                "broad": {"Pc": base["broad"]["Pc"], "Pw": base["broad"]["Pw"]}}
+def baseline_outcomes(path: Path, base: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The baseline run's (strict, broad) outcome per question id, when it has every question of `records`."""
     rec_path = path.with_name(base.get("records") or path.with_suffix(".jsonl").name)
     ids = [r["id"] for r in records]
     if rec_path.is_file():
-        by_id = {r["id"]: r for r in read_jsonl(rec_path)}
+        by_id = {r["id"]: (r["outcome"], r["outcome_broad"]) for r in read_jsonl(rec_path)}
         if all(i in by_id for i in ids):
-            strict = metrics.rates([by_id[i]["outcome"] for i in ids])
-            broad = metrics.rates([by_id[i]["outcome_broad"] for i in ids])
-            return {"path": str(path), "Pc": strict["Pc"], "Pw": strict["Pw"], "broad": {"Pc": broad["Pc"], "Pw": broad["Pw"]},
-                    "recomputed_on": len(ids)}
+            return {"path": str(path), "outcomes": by_id}
+    theirs = (base.get("meta") or {}).get("questions") or {}
     return {"path": str(path), "note": f"THS not computed: the initial BASIC run at {path} used other questions "
-                                       f"({(theirs or {}).get('n')} vs {len(ids)}); rerun it with the same --limit/--seed"}
+                                       f"({theirs.get('n')} vs {len(ids)}); rerun it with the same --limit/--seed"}
 
 
 # ---------------------------------------------------------------- entry point

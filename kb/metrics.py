@@ -35,6 +35,13 @@ def ths(pc2: float, pw2: float, pc1: float, pw1: float) -> float | None:
     return (pc2 * pw1 - pw2 * pc1) / pw1
 
 
+def ths_of_rates(method: dict[str, float], initial: dict[str, float]) -> float | None:
+    """THS as CRaFT counts it: every reply is correct, wrong or refused, so an unparseable reply is wrong
+    (Pw + P_fail) for both the method and the initial model."""
+    return ths(method["Pc"], method["Pw"] + method.get("P_fail", 0.0),
+               initial["Pc"], initial["Pw"] + initial.get("P_fail", 0.0))
+
+
 def confidence_score(answer_conf: float, sure_prob: float) -> float:
     """R-Tuning's ranking score: the mean of answer confidence and p(sure)."""
     return 0.5 * answer_conf + 0.5 * sure_prob

@@ -45,18 +45,39 @@ class PromptFormat:
     def describe(self) -> dict[str, Any]:
         t = templates()[self.template]
         digest = hashlib.sha256(repr(sorted(t.items())).encode()).hexdigest()[:12]
-        return {"template": self.template, "shots": self.shots, "chat_template": self.chat, "template_sha": digest}
+        out = {"template": self.template, "shots": self.shots, "chat_template": self.chat, "template_sha": digest}
+        fixed = base_shots(self)
+        if fixed:  # recorded only where used, so runs with a chat template keep their old description
+            out["base_shots"] = [s.id.split("/", 1)[1] for s in fixed]
+        return out
+
+
+def base_shots(fmt: PromptFormat) -> list[Sample]:
+    """The solved examples a prompt gets when it is rendered without a chat template and without
+    few-shot examples of its own (the template's `base_shots`; none for most templates)."""
+    t = templates()[fmt.template]
+    if fmt.chat or fmt.shots or not t.get("base_shots"):
+        return []
+    examples = registry()["base_examples"]
+    out = []
+    for name in t["base_shots"]:
+        e = examples[name]
+        out.append(Sample(id=f"base_example/{name}", question=e["question"], answer=e["answer"],
+                          choices=tuple(e.get("choices", ())), group=e.get("subject", "")))
+    return out
 
 
 def render_text(sample: Sample, fmt: PromptFormat, shots: list[Sample]) -> str:
     """The prompt as plain text (before any chat template)."""
     t = templates()[fmt.template]
+    fixed = base_shots(fmt)
     parts = []
     if shots and "header" in t:
         parts.append(t["header"].format(**_fields(sample, False)))
-    for shot in shots:
+    for shot in fixed or shots:
         parts.append(t["shot"].format(**_fields(shot, True)))
-    parts.append(t["item"].format(**_fields(sample, False)))
+    parts.append(t.get("base_item", t["item"]) if fixed else t["item"])
+    parts[-1] = parts[-1].format(**_fields(sample, False))
     return "".join(parts)
 
 

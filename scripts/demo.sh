@@ -1,67 +1,118 @@
 #!/usr/bin/env bash
 # The whole study on the embedded default model (SmolLM2-135M-Instruct), on CPU, with subsets:
 #   1. knowledge-boundary probing (R-Tuning Task 2.1): MMLU ID train 0- and 5-shot, ParaRel ID train
-#   2. teach refusal (Task 2.2.1): R-Tuning data -> fine-tune (unsure, unknown) -> evaluate vs initial
-#   3. avoid over-refusal (Task 2.2.2, CRaFT MCQ track): state -> rehearsal + flow -> 5 RAIT sets + CRSS
-#      -> fine-tune each from M0 -> evaluate
-#   4. tables and the report (results/report.md, results/report.html)
+#   2. teach refusal (Task 2.2.1): R-Tuning data (unsure, unknown) -> fine-tune -> evaluate, beside the
+#      initial model and the free baseline (M0 + a confidence threshold chosen on the training questions)
+#   3. avoid over-refusal (Task 2.2.2, CRaFT): state -> rehearsal + flow -> 5 RAIT sets + CRSS -> fine-tune
+#      each from M0 -> evaluate
+#   4. tables (with 95% bootstrap intervals and paired differences) and the report
+# TRACK=open (default): steps 2-3 on ParaRel open answers, evaluated on ParaRel ID test and OOD test, every
+# method on the same questions. TRACK=mcq: steps 2-3 on MMLU (near chance for these small models).
 #
 #   bash scripts/demo.sh                      # set up .venv, then run every stage
+#   bash scripts/demo.sh --dry-run            # print the commands, run nothing (no set-up either)
 #   MODEL=gemma3-270m bash scripts/demo.sh    # the other offline model
-# Sizes (environment): N, N_SOURCE, N_RAIT_TEST, RT_STEPS, RAIT_STEPS, N_REHEARSAL, N_VAN, N_IDK, MIN_COR (below).
-# At these defaults: 26.5-28.5 min from a fresh clone on 2 idle CPU cores, steps 1-2 in 15-17 min (README).
+#   TRACK=mcq bash scripts/demo.sh            # the MMLU track
+# Sizes (environment, defaults below): N_PROBE, N_SOURCE, N_TEST, N_ABSTAIN, RT_STEPS, RAIT_STEPS,
+# N_REHEARSAL, N_VAN, N_IDK, MIN_COR, MIN_CER, STATE_TOKENS.
 # Outputs: training_data/<model>/ (records, training sets), models/<model>/ (adapters),
-# results/<model>/ (summaries, tables). Every stage resumes: rerun after an interruption.
+# results/<model>/ (summaries, tables), results/report.{md,html}. Every stage resumes: rerun after an interruption.
 # The full-size settings are in configs/ and the per-model launchers scripts/run_<model>.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-source scripts/setup.sh
+DRY=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY=1 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
+    *) echo "error: unknown flag $arg (see --help)" >&2; exit 2 ;;
+  esac
+done
+((DRY)) || source scripts/setup.sh
 PY=.venv/bin/python
 MODEL=${MODEL:-smollm2-135m}
-N=${N:-200}                  # questions per probe, and per test set for the R-Tuning models
-N_SOURCE=${N_SOURCE:-100}    # MMLU ID-train questions that R-Tuning data and CRaFT's state are built from
-N_RAIT_TEST=${N_RAIT_TEST:-50}  # questions per test set for the five RAIT models (a subset of the N above)
-RT_STEPS=${RT_STEPS:-10}         # optimizer steps (of 8 instances) per R-Tuning fine-tune
-RAIT_STEPS=${RAIT_STEPS:-6}      # optimizer steps (of 8 instances) per RAIT fine-tune
+TRACK=${TRACK:-open}
+N_PROBE=${N_PROBE:-100}      # questions per Task 2.1 probe (MMLU 0-shot, 5-shot, ParaRel)
+N_SOURCE=${N_SOURCE:-100}    # ID-train questions: R-Tuning data, the threshold's t, CRaFT's state
+N_TEST=${N_TEST:-100}        # questions per test set (ID test, OOD test), the same for every method
+N_ABSTAIN=${N_ABSTAIN:-30}   # questions per abstention set (SelfAware, FalseQA), the same for every method
+RT_STEPS=${RT_STEPS:-10}     # optimizer steps (of 8 instances) per R-Tuning fine-tune
+RAIT_STEPS=${RAIT_STEPS:-8}  # optimizer steps (of 8 instances) per RAIT fine-tune
 FT=configs/finetune_cpu_demo.yaml
-TESTS=(--test mmlu:ID_test --test mmlu:OOD_test)
-LABEL=$($PY -c 'import sys; from kb.paths import slug; print(slug(sys.argv[1]))' "$MODEL")
+case "$TRACK" in
+  open) DATASET=pararel SOURCE_NAME=ParaRel_ID_train_3shot RT_NAME=ParaRel_ID_train_open_refuse
+        TESTS=(--test pararel:ID_test --test pararel:OOD_test) TRAIN_TEST=pararel:ID_train ;;
+  mcq) DATASET=mmlu SOURCE_NAME=MMLU_ID_train_5shot RT_NAME=MMLU_ID_train_0shot_mcq_refuse
+       TESTS=(--test mmlu:ID_test --test mmlu:OOD_test) TRAIN_TEST=mmlu:ID_train ;;
+  *) echo "error: TRACK must be open or mcq, not $TRACK" >&2; exit 2 ;;
+esac
+ABSTAIN=(--test selfaware:test --test falseqa:test)
+if ((DRY)); then LABEL=$MODEL; else
+  LABEL=$($PY -c 'import sys; from kb.paths import slug; print(slug(sys.argv[1]))' "$MODEL"); fi
 start=$(date +%s)
 stamp() { echo; echo "[demo $(( $(date +%s) - start ))s] $*"; }
+run() {
+  if ((DRY)); then local line; printf -v line '%q ' "$@"; echo "${line% }"; else "$@"; fi
+}
+# One evaluation command per model: the track's test sets and the abstention sets.
+evaluate() { run $PY evaluate.py "$@" "${TESTS[@]}" --limit "$N_TEST"
+             run $PY evaluate.py "$@" "${ABSTAIN[@]}" --limit "$N_ABSTAIN"; }
 
 stamp "1/4 knowledge-boundary probing on $MODEL (R-Tuning Task 2.1)"
-$PY run_MMLU.py --model "$MODEL" --domain ID --split train --shots 0 --limit "$N" --method all
-$PY run_MMLU.py --model "$MODEL" --domain ID --split train --shots 5 --limit "$N" --method all
-# (R-Tuning-U's `uncertain` data would sample 10 more answers per question: left out of the demo)
-$PY run_ParaRel.py --model "$MODEL" --domain ID --split train --limit "$N" --method unsure,unknown
+run $PY run_MMLU.py --model "$MODEL" --domain ID --split train --shots 0 --limit "$N_PROBE" --method all
+run $PY run_MMLU.py --model "$MODEL" --domain ID --split train --shots 5 --limit "$N_PROBE" --method all
+# (R-Tuning-U's `uncertain` data would sample 5 more answers per question: left out of the demo)
+run $PY run_ParaRel.py --model "$MODEL" --domain ID --split train --limit "$N_PROBE" --method unsure,unknown
 
-stamp "2/4 teach refusal: R-Tuning data under the REFUSE prompt, fine-tune, evaluate (Task 2.2.1)"
+stamp "2/4 teach refusal ($TRACK track): R-Tuning data under the REFUSE prompt, the threshold baseline, fine-tune, evaluate"
 # Training data rendered with the evaluation's REFUSE prompt, so tuned models are asked as they were taught.
-$PY run_MMLU.py --model "$MODEL" --domain ID --split train --shots 0 --template mcq_refuse --limit "$N_SOURCE" --method all
-# The initial model under BASIC (THS's reference); `evaluate.py` without --template adds its REFUSE row.
-$PY evaluate.py --model "$MODEL" --template basic "${TESTS[@]}" --limit "$N"
+if [[ $TRACK == open ]]; then
+  run $PY run_ParaRel.py --model "$MODEL" --domain ID --split train --template open_refuse --limit "$N_SOURCE" --method unsure,unknown
+else
+  run $PY run_MMLU.py --model "$MODEL" --domain ID --split train --shots 0 --template mcq_refuse --limit "$N_SOURCE" --method all
+fi
+# The initial model under BASIC: THS's reference on the test sets, and on the training questions the
+# threshold baseline picks its t from (never from test questions).
+evaluate --model "$MODEL" --template basic
+run $PY evaluate.py --model "$MODEL" --template basic --test "$TRAIN_TEST" --limit "$N_SOURCE" --no-ap
+# (the abstention sets are open questions: the threshold applies there on the open track only)
+THRESHOLD_TESTS=("${TESTS[@]}"); [[ $TRACK == open ]] && THRESHOLD_TESTS+=("${ABSTAIN[@]}")
+run $PY threshold_baseline.py --model "$LABEL" --train "$TRAIN_TEST" "${THRESHOLD_TESTS[@]}"
 for method in unsure unknown; do
-  run=models/$LABEL/rtuning_$method
-  $PY finetune.py --model "$MODEL" --config "$FT" --set max_steps="$RT_STEPS" --output-dir "$run" \
-    --train-file "training_data/$LABEL/rtuning_${method}_MMLU_ID_train_0shot_mcq_refuse_text2text.json"
-  $PY evaluate.py --model "$run" --method "rtuning_$method" "${TESTS[@]}" --limit "$N"
+  out=models/$LABEL/rtuning_${method}_$TRACK
+  run $PY finetune.py --model "$MODEL" --config "$FT" --set max_steps="$RT_STEPS" --output-dir "$out" \
+    --train-file "training_data/$LABEL/rtuning_${method}_${RT_NAME}_text2text.json"
+  evaluate --model "$out" --method "rtuning_$method"
 done
 
-stamp "3/4 avoid over-refusal: CRaFT's state, flow, RAIT sets and CRSS (Task 2.2.2)"
-$PY query_state.py --model "$MODEL" --dataset mmlu --split ID_train --limit "$N_SOURCE"
-# A 135M model is never 99% sure of an MMLU answer (its best p(gold) on 200 questions was 0.61): relax the
-# rehearsal threshold, recorded in the outputs as `relaxed`.
-$PY rehearsal_finetune.py --model "$MODEL" --dataset mmlu --split ID_train --n-rehearsal "${N_REHEARSAL:-32}" \
-  --train-config configs/rehearsal_demo_cpu.yaml --min-cor "${MIN_COR:-0.4}"
-$PY build_rait.py --model "$MODEL" --dataset mmlu --split ID_train --n-van "${N_VAN:-50}" --n-idk "${N_IDK:-50}"
+stamp "3/4 avoid over-refusal ($TRACK track): CRaFT's state, flow, RAIT sets and CRSS (Task 2.2.2)"
+if [[ $TRACK == open ]]; then
+  # N = 10 answers at T = 1 per question; answers are a few words, so 24 new tokens (the paper: ~50).
+  run $PY query_state.py --model "$MODEL" --dataset pararel --split ID_train --limit "$N_SOURCE" \
+    --max-new-tokens "${STATE_TOKENS:-24}"
+  # A 135M model is rarely sure of a sampled answer 10 times out of 10 with near-identical wording
+  # (the paper's Cor >= 0.995 and Cer >= 0.995): relaxed, recorded in the outputs as `relaxed`.
+  run $PY rehearsal_finetune.py --model "$MODEL" --dataset pararel --split ID_train --n-rehearsal "${N_REHEARSAL:-32}" \
+    --train-config configs/rehearsal_demo_cpu.yaml --min-cor "${MIN_COR:-0.7}" --min-cer "${MIN_CER:-0.8}"
+  # Most questions a small model never answers right have Cor = 0, which cannot fall: the `keep` tie rule
+  # (delta-mu <= 0) keeps them as "I don't know" candidates; `drop` (the strict rule) would discard them.
+  run $PY build_rait.py --model "$MODEL" --dataset pararel --split ID_train --n-van "${N_VAN:-50}" \
+    --n-idk "${N_IDK:-50}" --tie-rule keep
+else
+  run $PY query_state.py --model "$MODEL" --dataset mmlu --split ID_train --limit "$N_SOURCE"
+  # A 135M model is never 99% sure of an MMLU answer: the rehearsal threshold is relaxed (recorded as `relaxed`).
+  run $PY rehearsal_finetune.py --model "$MODEL" --dataset mmlu --split ID_train --n-rehearsal "${N_REHEARSAL:-32}" \
+    --train-config configs/rehearsal_demo_cpu.yaml --min-cor "${MIN_COR:-0.4}"
+  run $PY build_rait.py --model "$MODEL" --dataset mmlu --split ID_train --n-van "${N_VAN:-50}" --n-idk "${N_IDK:-50}"
+fi
 for method in van cor_rait corcer_rait craft_wo_cer craft; do
-  run=models/$LABEL/$method
-  $PY finetune.py --model "$MODEL" --config "$FT" --set max_steps="$RAIT_STEPS" --output-dir "$run" \
-    --train-file "training_data/$LABEL/rait_${method}_MMLU_ID_train_5shot_text2text.json"
-  $PY evaluate.py --model "$run" --method "$method" --no-ap "${TESTS[@]}" --limit "$N_RAIT_TEST"
+  out=models/$LABEL/${method}_$TRACK
+  run $PY finetune.py --model "$MODEL" --config "$FT" --set max_steps="$RAIT_STEPS" --output-dir "$out" \
+    --train-file "training_data/$LABEL/rait_${method}_${SOURCE_NAME}_text2text.json"
+  evaluate --model "$out" --method "$method"
 done
 
 stamp "4/4 tables and report"
-$PY results_table.py --model "$LABEL"
-$PY report.py --models "$LABEL"
+run $PY results_table.py --model "$LABEL"
+run $PY report.py --models "$LABEL"
 stamp "done: results/$LABEL/table_rtuning.md, results/report.md, results/report.html"

@@ -149,25 +149,29 @@ def _records(s: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def difference_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Paired differences on the questions two runs share: each method minus the initial model (ΔPc, ΔW =
-    Δ(Pw + P_fail), ΔPr), and the pairs of COMPARISONS (also ΔTHS, both against the initial model)."""
-    runs = {(s["model"], s["test_set"], s["row"]): s for s in summaries}
-    cache: dict[str, dict[str, dict[str, Any]]] = {}
+    """paired_differences over the records beside evaluation summaries."""
+    return paired_differences({(s["model"], s["test_set"], s["row"]): functools.partial(_records, s) for s in summaries})
 
-    def recs(s: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        if s["_path"] not in cache:
-            cache[s["_path"]] = _records(s)
-        return cache[s["_path"]]
+
+def paired_differences(runs: Mapping[tuple[str, str, str], Callable[[], dict[str, dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """Paired differences on the questions two runs share: each method minus the initial model (ΔPc, ΔW =
+    Δ(Pw + P_fail), ΔPr), and the pairs of COMPARISONS (also ΔTHS, both against the initial model).
+    runs: (model, test set, method) -> a function returning that run's records by question id."""
+    loaded: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
+
+    def recs(key: tuple[str, str, str]) -> dict[str, dict[str, Any]]:
+        if key not in loaded:
+            loaded[key] = runs[key]()
+        return loaded[key]
 
     rows = []
     for model, test in sorted({(m, t) for m, t, _ in runs}):
-        init = runs.get((model, test, "initial"))
-        if init is None:
+        if (model, test, "initial") not in runs:
             continue
         pairs = [(r, "initial") for m, t, r in sorted(runs) if (m, t) == (model, test) and not r.startswith("initial")]
         pairs += [(a, b) for a, b in COMPARISONS if (model, test, a) in runs and (model, test, b) in runs]
         for a, b in pairs:
-            ra, rb, r0 = recs(runs[(model, test, a)]), recs(runs[(model, test, b)]), recs(init)
+            ra, rb, r0 = recs((model, test, a)), recs((model, test, b)), recs((model, test, "initial"))
             ids = [i for i in ra if i in rb and i in r0]
             if len(ids) < 2:
                 continue

@@ -18,6 +18,7 @@ numbers: a report that recomputes from the records cannot drift from them.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import math
 import re
@@ -34,7 +35,7 @@ matplotlib.use("Agg")  # headless: reports are built on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kb import metrics  # noqa: E402
+from kb import bootstrap, metrics  # noqa: E402
 from kb.calibration import DEFAULT_BINS, ece, reliability_bins  # noqa: E402
 from kb.errors import KbError  # noqa: E402
 from kb.io import read_json, read_jsonl  # noqa: E402
@@ -492,30 +493,42 @@ def fig_flow_density(panels: list[tuple[str, dict[str, dict[str, float]]]]) -> A
     return fig
 
 
-def fig_plane(panels: list[tuple[str, list[tuple[str, float, float, float | None]], tuple[float, float] | None]]) -> Any:
-    """(Pw, Pc) plane: one point per method; the dashed line through the initial model is THS = 0."""
-    fig, axes = _grid(len(panels), 4.8, 4.5)
-    for ax, (title, points, init) in zip(axes, panels):
-        top = max([pc for _, pc, _, _ in points] + [pw for _, _, pw, _ in points] + [1.0]) * 1.15
-        if init is not None and init[1] > 0:
-            pc1, pw1 = init
+def fig_plane(panels: list[tuple[str, list[dict[str, Any]]]]) -> Any:
+    """Per panel (model x test set) two axes: the (W, Pc) plane with interval whiskers and numbered points
+    (names in the legend, so labels never overlap), and THS per method with its interval."""
+    fig, axes = _grid(2 * len(panels), 4.6, 4.2, max_cols=2)
+    for k, (title, rows) in enumerate(panels):
+        ax, ax2 = axes[2 * k], axes[2 * k + 1]
+        wrong = [r["Pw"] + r["P_fail"] for r in rows]
+        top = max([r["Pc"] for r in rows] + wrong + [1.0]) * 1.15
+        init = next((r for r in rows if is_initial(r["method"])), None)
+        if init is not None and init["Pw"] + init["P_fail"] > 0:
             xs = np.linspace(0, top, 10)
-            ax.plot(xs, xs * pc1 / pw1, "k--", lw=1, label="THS = 0 (Pc/Pw of initial model)")
-        same: dict[tuple[float, float, float | None], list[str]] = {}  # methods on one spot share a label
-        for method, pc, pw, th in points:
-            same.setdefault((round(pc, 1), round(pw, 1), None if th is None else round(th, 1)), []).append(method)
-        for (pc, pw, th), methods in same.items():
-            ax.scatter([pw], [pc], s=40, marker="*" if any(map(is_initial, methods)) else "o", zorder=3)
-            names = ", ".join(methods)
-            label = names if th is None or all(map(is_initial, methods)) else f"{names} (THS {th:+.1f})"
-            ax.annotate(label, (pw, pc), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.plot(xs, xs * init["Pc"] / (init["Pw"] + init["P_fail"]), "k--", lw=1, label="THS = 0")
+        for i, (r, w) in enumerate(zip(rows, wrong), start=1):
+            ci = r["ci"]
+            pc_err = np.array([[r["Pc"] - ci["Pc"][0]], [ci["Pc"][1] - r["Pc"]]]) if ci.get("Pc") else None
+            ax.errorbar([w], [r["Pc"]], yerr=pc_err, fmt="*" if is_initial(r["method"]) else "o", ms=7, capsize=2,
+                        lw=0.8, label=f"{i} {r['method']}", zorder=3)
+            ax.annotate(str(i), (w, r["Pc"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
         ax.set_xlim(0, top)
         ax.set_ylim(0, top)
-        ax.set_xlabel("Pw: answered wrongly (%)")
+        ax.set_xlabel("W = Pw + P_fail: answered wrongly or unparseably (%)")
         ax.set_ylabel("Pc: answered correctly (%)")
         ax.set_title(title, fontsize=9)
-        if init is not None and init[1] > 0:  # the THS = 0 line exists only when the initial model errs
-            ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=6, loc="upper right")
+        tuned = [r for r in rows if not is_initial(r["method"]) and r["THS"] is not None]
+        ys = np.arange(len(tuned))
+        for y, r in zip(ys, tuned):
+            ci = r["ci"].get("THS")
+            err = np.array([[r["THS"] - ci[0]], [ci[1] - r["THS"]]]) if ci else None
+            ax2.errorbar([r["THS"]], [y], xerr=err, fmt="o", capsize=3, color="C0" if ci is None or ci[0] <= 0 <= ci[1]
+                         else ("C2" if ci[0] > 0 else "C3"))
+        ax2.axvline(0, color="k", lw=1, ls="--")
+        ax2.set_yticks(ys, [r["method"] for r in tuned], fontsize=7)
+        ax2.invert_yaxis()
+        ax2.set_xlabel("THS vs the initial model (95% interval)")
+        ax2.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -563,13 +576,28 @@ def method_rows(md: ModelData) -> list[dict[str, Any]]:
         for ev in sorted(evs, key=lambda e: (not is_initial(e.method), e.method)):
             r = ev.rates()
             assert r is not None
+            outcomes = [outcome_of(x) for x in ev.records]
             # THS against the initial model on this method's own questions (a smaller --limit is a subset)
-            r1 = init.rates({x["id"] for x in ev.records}) if init else None
+            ids = [x["id"] for x in ev.records]
+            r1 = init.rates(set(ids)) if init else None
+            ci = bootstrap.rate_intervals(outcomes)
+            if r1 is not None and not is_initial(ev.method):
+                by_id = {x["id"]: outcome_of(x) for x in init.records}  # type: ignore[union-attr]
+                ci["THS"] = bootstrap.ths_interval(outcomes, [by_id[i] for i in ids])
+            ap = ev.ap()
+            with_conf = [x for x in ev.records if x.get("answer_conf") is not None and x.get("sure_prob") is not None]
+            ci["AP"] = None if ap is None else bootstrap.ap_interval(
+                [answer_correct(x) for x in with_conf],
+                [metrics.confidence_score(x["answer_conf"], x["sure_prob"]) for x in with_conf])
             rows.append({"model": md.name, "test_set": test, "method": ev.method, "n": len(ev.records), **r,
-                         "THS": metrics.ths(r["Pc"], r["Pw"], r1["Pc"], r1["Pw"]) if r1 else None,
-                         "AP": None if ev.ap() is None else 100 * ev.ap(),  # type: ignore[operator]
+                         "THS": metrics.ths_of_rates(r, r1) if r1 else None,
+                         "AP": None if ap is None else 100 * ap, "ci": ci,
                          "CRSS": crss_for(md, ev.method, ev.kind)})
     return rows
+
+
+def _ci_cell(row: dict[str, Any], key: str) -> str:
+    return bootstrap.fmt(row[key], row["ci"].get(key) if row[key] is not None else None)
 
 
 def crss_for(md: ModelData, method: str, kind: str) -> float | None:
@@ -793,18 +821,42 @@ def _section_methods(rep: Report, data: list[ModelData]) -> None:
         return
     multi = len({r["model"] for r in rows}) > 1
     headers = (["model"] if multi else []) + ["test set", "method", "n", "Pc", "Pw", "Pr", "P_fail", "THS", "AP", "CRSS"]
-    rep.table(headers, [([r["model"]] if multi else []) + [r["test_set"], r["method"], r["n"], r["Pc"], r["Pw"], r["Pr"],
-                        r["P_fail"], r["THS"], r["AP"], r["CRSS"]] for r in rows])
+    rep.table(headers, [([r["model"]] if multi else []) + [r["test_set"], r["method"], r["n"], _ci_cell(r, "Pc"),
+                        _ci_cell(r, "Pw"), _ci_cell(r, "Pr"), r["P_fail"], _ci_cell(r, "THS"), _ci_cell(r, "AP"), r["CRSS"]]
+                       for r in rows])
+    rep.p(f"`value [lo, hi]`: 95% bootstrap interval over questions ({bootstrap.N_RESAMPLES} seeded resamples; THS "
+          "resamples the method and the initial model together).")
+    _differences(rep, data)
     panels = []
     for md in data:
         for test in sorted({r["test_set"] for r in rows if r["model"] == md.name}):
             sub = [r for r in rows if r["model"] == md.name and r["test_set"] == test]
-            init = next((r for r in sub if is_initial(r["method"])), None)
-            panels.append((f"{md.name}: {test}", [(r["method"], r["Pc"], r["Pw"], r["THS"]) for r in sub],
-                           (init["Pc"], init["Pw"]) if init else None))
-    rep.fig(fig_plane(panels), "ths_plane", "The (Pw, Pc) plane, one point per method (star: the initial model). "
-            "Points above the dashed line through the initial model have THS > 0: they trade wrong answers for refusals "
-            "at a better ratio than the initial model's accuracy-to-error ratio.")
+            panels.append((f"{md.name}: {test}", sub))
+    rep.fig(fig_plane(panels), "ths_plane", "Left of each pair: the (W, Pc) plane, W = Pw + P_fail, one numbered point "
+            "per method with 95% interval whiskers (star: the initial model); the dashed line through the initial "
+            "model is THS = 0. Right: THS per method against the initial model on that method's own questions, with "
+            "its paired 95% interval; an interval clear of 0 is a change beyond sampling noise.")
+
+
+def _differences(rep: Report, data: list[ModelData]) -> None:
+    """Paired differences (kb.eval_table.paired_differences), marked where the interval excludes 0."""
+    from kb.eval_table import DIFF_COLUMNS, DIFF_NOTES, paired_differences
+
+    runs = {(md.name, ev.test_set, ev.method): functools.partial(lambda e: {x["id"]: {**x, "outcome": outcome_of(x)}
+                                                                             for x in e.records}, ev)
+            for md in data for ev in md.evals}
+    diffs = paired_differences(runs)
+    if not diffs:
+        return
+    rep.p("Paired differences on the same questions. " + DIFF_NOTES)
+    multi = len(data) > 1
+
+    def cell(d: dict[str, Any] | None) -> str:
+        return "–" if d is None else bootstrap.fmt(d["value"], d["ci"]) + (" *" if d["significant"] else "")
+
+    rep.table((["model"] if multi else []) + list(DIFF_COLUMNS),
+              [([d["model"]] if multi else []) + [d["test set"], d["comparison"], d["n"],
+                                                  *(cell(d[c]) for c in DIFF_COLUMNS[3:])] for d in diffs])
 
 
 def write_report(rep: Report, title: str = "kb knowledge-boundary report") -> tuple[Path, Path]:

@@ -101,16 +101,21 @@ def test_full_report_every_section_and_numbers(tmp_path: Path) -> None:
     assert "50.0 (n=8)" in md and "50.0 (n=4)" in md
     assert "best known astronomy (75%), least known virology (25%)" in md
     assert "best known P17 (100%), least known P36 (0%)" in md
-    # method table: initial Pc=Pw=40, P_fail=20; craft Pc=50 Pw=20 Pr=30, THS=(50*40-20*40)/40=30, CRSS .125
-    assert _row(md, "initial")[2:8] == ["10", "40.00", "40.00", "0.00", "20.00", "0.00"]
+    # method table: initial Pc=Pw=40, P_fail=20; craft Pc=50 Pw=20 Pr=30; THS counts P_fail as wrong:
+    # W1 = 60, so THS = (50*60 - 20*40)/60 = 36.67; rate cells carry their bootstrap interval after the value
+    first = [c.split(" [")[0] for c in _row(md, "initial")[2:8]]
+    assert first == ["10", "40.0", "40.0", "0.0", "20.00", "0.0"]
+    assert _row(md, "initial")[3].startswith("40.0 [") and "[" not in _row(md, "initial")[7]  # no THS interval for itself
     craft = _row(md, "craft")
-    assert craft[2:8] == ["10", "50.00", "20.00", "30.00", "0.00", "30.00"]
+    assert [c.split(" [")[0] for c in craft[2:8]] == ["10", "50.0", "20.0", "30.0", "0.00", "36.7"]
+    lo, hi = map(float, craft[7].split("[")[1].rstrip("]").split(", "))
+    assert lo < 36.7 < hi
     assert craft[9] == "0.50"  # CRSS recomputed from the representations: 1 of 2 idk questions has a vanilla twin
     assert "| MMLU ID train | cor_rait | 2 | 1 | 0.00 |" in md and "| MMLU ID train | craft | 3 | 2 | 0.50 |" in md
-    assert "craft on MMLU_val: 30.0" in md  # best THS in the cross-model table
+    assert "craft on MMLU_val: 36.7" in md  # best THS in the cross-model table
     # AP of craft (sklearn): 5 of 6 right answers ranked first (precision 1), the 6th tied with 2 wrong at the
     # bottom (precision 6/10): 5/6 * 1 + 1/6 * 0.6 = 0.9333
-    assert craft[8] == "93.33"
+    assert craft[8].split(" [")[0] == "93.3"
     assert "| m1: craft on MMLU_val | 10 |" in md  # sure-probability ECE row
     # flow summary: 4 fall, 4 rise
     assert "Cor falls for 4, stays for 0, rises for 4 of 8" in md
@@ -199,4 +204,4 @@ def test_ths_of_a_subset_evaluation_uses_the_initial_model_on_the_same_questions
     report.main(["--output-dir", str(tmp_path / "training_data"), "--results-dir", str(tmp_path / "results")])
     row = _row((tmp_path / "results" / "report.md").read_text(), "van")
     # Pc 50, Pw 16.67: THS = (50 * 66.67 - 16.67 * 33.33) / 66.67 = 41.67 (against all 10 questions: 33.33)
-    assert row[2] == "6" and row[3] == "50.00" and row[7] == "41.67"
+    assert row[2] == "6" and row[3].startswith("50.0 [") and row[7].startswith("41.7 [")

@@ -228,7 +228,7 @@ def write_summary(args: argparse.Namespace, meta: dict[str, Any], records: list[
     print(summary["line"])
     if summary["suite"]["strict"]["n_should_abstain"]:
         print("  " + abstention_line(summary["suite"]))
-    if baseline.get("note"):
+    if baseline.get("note") and not dataset_spec(dataset).options.get("abstain_groups"):  # no THS on abstention sets
         print("  note:", baseline["note"])
     return summary
 
@@ -453,9 +453,7 @@ def summarise_eval(records: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     out: dict[str, Any] = {"n": len(records), **{k: strict[k] for k in ("Pc", "Pw", "Pr", "P_fail")},
                            "counts": strict["counts"], "broad": broad}
     with_conf = [r for r in records if r.get("answer_conf") is not None and r.get("sure_prob") is not None]
-    ap = metrics.average_precision([bool(r["ap_correct"]) for r in with_conf],
-                                   [metrics.confidence_score(r["answer_conf"], r["sure_prob"]) for r in with_conf]) \
-        if with_conf else None
+    ap = metrics.table_ap(metrics.QuestionTable.from_records(records))
     out["AP"] = _round(None if ap is None else 100 * ap)
     out["AP_n"] = len(with_conf)
     if with_conf:

@@ -259,7 +259,10 @@ def _selfaware_json(spec: DatasetSpec, split: str, args: dict[str, Any], data_ro
         if keep is not None and answerable != keep:
             continue
         golds = tuple(answer) if answerable else ("",)
-        out.append(Sample(f"selfaware/{rec['question_id']}", rec["question"], golds[0], (), golds[1:],
+        q = rec["question"]
+        if len(q) > 2 and q[0] == q[-1] == '"' and '""' in q:  # 57 questions still carry CSV quoting
+            q = q[1:-1].replace('""', '"')
+        out.append(Sample(f"selfaware/{rec['question_id']}", q, golds[0], (), golds[1:],
                           "answerable" if answerable else "unanswerable"))
     return out
 

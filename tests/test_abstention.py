@@ -133,6 +133,9 @@ def test_registered_sets_load_with_their_labels() -> None:
     ans = load_split("selfaware", "answerable")
     assert ans[0].answer == "song" and not should_abstain("selfaware", ans[0].group)
     assert ans[3].aliases  # the other accepted answers
+    # CSV quoting left in the source is undone
+    assert any(s.question == 'What cola was advertised as "all the sugar and twice the caffeine"?' for s in ans)
+    assert not any(s.question.startswith('"') and '""' in s.question for s in sa)
     fq = load_split("falseqa", "test")
     assert len(fq) == 1374 and sum(should_abstain("falseqa", s.group) for s in fq) == 687
     assert fq[0].group == "false_premise" and fq[0].answer == ""

@@ -2,18 +2,23 @@
 
 Inputs: --model (alias, hub id, dir or .gguf; a tuned dir from finetune.py works as is) and optionally
 --adapter; test sets as DATASET:SPLIT (mmlu:ID_test, mmlu:OOD_test, mmlu:val, arc_challenge:test,
-pararel:ID_test, pararel:OOD_test); prompts basic / refuse / any template in kb/registry.yaml.
+pararel:ID_test, pararel:OOD_test; abstention: selfaware:test, falseqa:test); prompts basic / refuse /
+any template in kb/registry.yaml.
 Greedy, 0-shot. Each reply is correct / incorrect / refused / fail_parse (strict refusal: contains
 "I don't know"; broad: kb/answers.py's phrase list; R-Tuning's "... I am unsure." is a refusal).
 THS is taken against the initial model's BASIC run on the same test set (run that first; rows are
 filed under the base model's name). AP is R-Tuning's (confidence = 0.5 answer_conf + 0.5 p(sure)).
 --reclassify re-judges stored replies without the model (after a change to the answer rules).
+Every summary also holds kb.metrics.suite (AUROC, ECE, AURC, and the refusal rates and abstention
+precision / recall / F1 on questions that should be refused: SelfAware unanswerable, FalseQA false
+premise); `results_table.py --abstention` tabulates them.
 Outputs, per test set and prompt:
   results/<model>/eval/<method>/<DATASET>_<split>_<template>.jsonl   per-question records (resumable)
   results/<model>/eval/<method>/<DATASET>_<split>_<template>.json    summary (rates, THS, AP, meta)
 
     python evaluate.py --model smollm2-135m --test mmlu:ID_test --test arc_challenge:test --limit 200
     python evaluate.py --model models/smollm2-135m/<run> --method rtuning_unknown --test mmlu:ID_test --limit 200
+    python evaluate.py --model smollm2-135m --test selfaware:test --test falseqa:test --template refuse --limit 40
 """
 
 from __future__ import annotations

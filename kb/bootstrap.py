@@ -138,6 +138,12 @@ def ap_interval(correct: Sequence[bool], scores: Sequence[float]) -> list[float]
     return interval(ap_stat, np.asarray(correct, dtype=bool), np.asarray(scores, dtype=float), vectorized=False)
 
 
+def table_ap_interval(table: Any) -> list[float] | None:
+    """The interval of kb.metrics.table_ap: the same rows (those with a rank score), resampled."""
+    ranked = ~np.isnan(table.rank_score)
+    return ap_interval(table.answer_correct[ranked], table.rank_score[ranked]) if ranked.sum() >= 2 else None
+
+
 def fmt(value: float | None, ci: Sequence[float] | None, nd: int = 1) -> str:
     """'12.3 [8.1, 16.0]' ('–' for a missing value; no brackets without an interval)."""
     if value is None:

@@ -229,12 +229,90 @@ def _nq_jsonl(spec: DatasetSpec, split: str, args: dict[str, Any], data_root: Pa
     return out
 
 
+def _selfaware_json(spec: DatasetSpec, split: str, args: dict[str, Any], data_root: Path | None) -> list[Sample]:
+    """SelfAware: {"example": [{question_id, question, answer: [..] | null, answerable, source}]}.
+
+    Answerable questions keep their gold answers (the first, the rest as aliases; matched like
+    ParaRel's); unanswerable ones have none (answer ""). group: answerable | unanswerable. The split's
+    `answerable` (true / false) keeps one kind; absent keeps both."""
+    path = _resolve(args["file"], data_root)
+    from kb.io import read_json
+
+    data = read_json(path)
+    rows = data.get("example") if isinstance(data, dict) else None
+    if not isinstance(rows, list):
+        raise data_error(path, "expected a JSON object with an 'example' list of questions")
+    keep = args.get("answerable")
+    out = []
+    for i, rec in enumerate(rows):
+        if not isinstance(rec, dict):
+            raise data_error(path, "expected an object {question_id, question, answer, answerable}", row=i)
+        for key, kinds in (("question_id", (int, str)), ("question", (str,)), ("answerable", (bool,))):
+            if not isinstance(rec.get(key), kinds) or (key != "answerable" and not str(rec[key]).strip()):
+                raise data_error(path, f"missing or malformed {key!r}", row=i, field=key)
+        answerable, answer = rec["answerable"], rec.get("answer")
+        if answerable and not (isinstance(answer, list) and answer
+                               and all(isinstance(a, str) and a.strip() for a in answer)):
+            raise data_error(path, "an answerable question needs a non-empty list of gold answers", row=i, field="answer")
+        if not answerable and answer not in (None, []):
+            raise data_error(path, f"an unanswerable question has a gold answer {answer!r}", row=i, field="answer")
+        if keep is not None and answerable != keep:
+            continue
+        golds = tuple(answer) if answerable else ("",)
+        q = rec["question"]
+        if len(q) > 2 and q[0] == q[-1] == '"' and '""' in q:  # 57 questions still carry CSV quoting
+            q = q[1:-1].replace('""', '"')
+        out.append(Sample(f"selfaware/{rec['question_id']}", q, golds[0], (), golds[1:],
+                          "answerable" if answerable else "unanswerable"))
+    return out
+
+
+def _falseqa_csv(spec: DatasetSpec, split: str, args: dict[str, Any], data_root: Path | None) -> list[Sample]:
+    """FalseQA: CSV with header question,answer,label; label 1 = false premise, 0 = valid premise.
+
+    Its answers are explanations (a rebuttal of the premise, or a sentence), not short gold answers,
+    so no answer is graded (answer ""): the set measures refusals. group: false_premise | valid_premise."""
+    path = _resolve(args["file"], data_root)
+    with open(path, encoding="utf-8", newline="") as fh:
+        try:
+            rows = list(csv.reader(fh))
+        except csv.Error as err:
+            raise data_error(path, f"malformed CSV ({err})") from None
+    if not rows or [c.strip() for c in rows[0]] != ["question", "answer", "label"]:
+        raise data_error(path, "expected the header question,answer,label", row=0)
+    out = []
+    for i, row in enumerate(rows[1:], start=1):
+        if len(row) != 3:
+            raise data_error(path, f"expected 3 columns (question, answer, label), got {len(row)}", row=i)
+        q, _, label = row
+        if label.strip() not in ("0", "1"):
+            raise data_error(path, f"label {label!r} is not 0 or 1", row=i, field="label")
+        if not q.strip():
+            raise data_error(path, "empty question", row=i, field="question")
+        out.append(Sample(f"falseqa/{split}/{i - 1}", q, "", (), (),
+                          "false_premise" if label.strip() == "1" else "valid_premise"))
+    return out
+
+
+def should_abstain(dataset: str, group: str) -> bool:
+    """Whether a question of this dataset and group should be refused (registry `abstain_groups`:
+    SelfAware's unanswerable and FalseQA's false-premise questions; none for the other sets)."""
+    return group in (dataset_spec(dataset).options.get("abstain_groups") or ())
+
+
+def abstention_datasets() -> list[str]:
+    """Display names of the datasets with questions that should be refused (registry `abstain_groups`)."""
+    return [display_name(name) for name, entry in registry()["datasets"].items() if entry.get("abstain_groups")]
+
+
 _LOADERS = {
     "mmlu_csv": _mmlu_csv,
     "arc_jsonl": _arc_jsonl,
     "pararel_json": _pararel_json,
     "dpr_tsv": _dpr_tsv,
     "nq_jsonl": _nq_jsonl,
+    "selfaware_json": _selfaware_json,
+    "falseqa_csv": _falseqa_csv,
 }
 
 

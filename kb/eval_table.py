@@ -231,3 +231,66 @@ def build_table(results_dir: str | Path = "results", models: Sequence[str] | Non
             write_text(repo_path(results_dir) / model / "table_rtuning.md", text)
         out[model] = text
     return out
+
+
+# ---------------------------------------------------------------- abstention (refusal transfer)
+
+ABSTENTION_COLUMNS = ("model", "method", "test set", "prompt", "n", "should abstain", "Pr should-abstain", "Pr should-answer",
+                      "abst. P", "abst. R", "abst. F1", "F1 broad", "AUROC", "AURC", "ECE")
+ABSTENTION_NOTES = (
+    "should abstain: questions that should be refused (SelfAware's unanswerable, FalseQA's false-premise "
+    "questions; none in the other sets). Pr should-abstain, Pr should-answer: % of the questions that should be refused / "
+    "answered that the model refused (strict rule; Pr should-answer is the false-refusal rate). abst. P / R / F1 (×100): "
+    "AbstentionBench's abstention precision, recall and F1, \"should abstain\" the positive class; F1 broad: by the "
+    "broad refusal phrases. AUROC (×100) of the answer confidence for correctness, AURC (×100, lower is better) and "
+    "ECE (×100, 10 equal-width bins) over the graded answers (not refused, a gold answer, a confidence). "
+    "– = not defined (e.g. precision with no refusal, recall with nothing to refuse, AUROC with one class)."
+)
+
+
+def _suite(s: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The summary's metric suite, recomputed from its records when the summary predates it."""
+    if "suite" in s:
+        return s["suite"]
+    from kb.evaluate import suite_summary
+    from kb.io import read_jsonl
+
+    rec = Path(s["_path"]).with_name(s.get("records") or Path(s["_path"]).with_suffix(".jsonl").name)
+    return suite_summary(read_jsonl(rec), s["dataset"])
+
+
+def abstention_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per summary (sorted like table_rows): the abstention numbers of kb.metrics.suite."""
+    def x100(v: Any) -> Any:
+        return None if v is None else 100 * v
+
+    rows = []
+    for s in sorted(summaries, key=lambda s: (s["model"], s["test_set"], s["row"] != "initial",
+                                              not s["row"].startswith("initial"), s["row"])):
+        st, br = _suite(s)["strict"], _suite(s)["broad"]
+        rows.append({"model": s["model"], "method": s["row"], "test set": s["test_set"], "prompt": s["template"],
+                     "n": st["n"], "should abstain": st["n_should_abstain"], "Pr should-abstain": st["Pr_should_abstain"],
+                     "Pr should-answer": st["Pr_should_answer"], "abst. P": x100(st["abstain_precision"]),
+                     "abst. R": x100(st["abstain_recall"]), "abst. F1": x100(st["abstain_f1"]),
+                     "F1 broad": x100(br["abstain_f1"]), "AUROC": x100(st["AUROC"]), "AURC": x100(st["AURC"]),
+                     "ECE": x100(st["ECE"])})
+    return rows
+
+
+def build_abstention_table(results_dir: str | Path = "results", models: Sequence[str] | None = None,
+                           write: bool = True) -> dict[str, str]:
+    """The abstention table per model ({model: markdown}); with write, results/<model>/table_abstention.md."""
+    summaries = load_summaries(results_dir, models)
+    if not summaries:
+        raise KbError(f"{repo_path(results_dir)}: no evaluation summaries found (run evaluate.py first)")
+    out = {}
+    for model in sorted({s["model"] for s in summaries}):
+        rows = abstention_rows([s for s in summaries if s["model"] == model])
+        cols = list(ABSTENTION_COLUMNS)
+        lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+        lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+        text = f"# Abstention: {model}\n\n" + "\n".join(lines) + "\n\n" + ABSTENTION_NOTES + "\n"
+        if write:
+            write_text(repo_path(results_dir) / model / "table_abstention.md", text)
+        out[model] = text
+    return out

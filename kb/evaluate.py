@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from kb import bootstrap, metrics
 from kb.answers import classify_reply, cut_at_period, rtuning_answer_part, rtuning_verdict
-from kb.data import LETTERS, Sample, dataset_spec, display_name, load_split, subset
+from kb.data import LETTERS, Sample, dataset_spec, display_name, load_split, should_abstain, subset
 from kb.engine import PrefixScorer, auto_token_budget, letter_candidates, letter_probs, plan_batches
 from kb.errors import KbError
 from kb.finetune import read_base_info
@@ -200,7 +200,8 @@ def evaluate_set(lm: LoadedModel, label: str, method: str, tuned: bool, dataset:
                                   [seqs[i] for i in idx], b.prefix_len, cands, sure_ids, max_new, chat, args.ap)
             for r in recs:
                 if r["id"] not in log:
-                    log.append({**r, "method": row, "test_set": test_name(dataset, split), "template": template})
+                    log.append({**r, "method": row, "test_set": test_name(dataset, split), "template": template,
+                                "should_abstain": should_abstain(dataset, r["group"])})
             bar.update(len(idx))
         bar.close()
         records = [log.records[s.id] for s in samples]
@@ -224,10 +225,13 @@ def write_summary(args: argparse.Namespace, meta: dict[str, Any], records: list[
     summary["ci"]["THS"] = baseline.get("THS_ci")
     summary["broad"]["THS"] = _round(baseline.get("THS_broad"))
     summary["line"] = _line(label, summary)
+    summary["suite"] = suite_summary(records, dataset)
     summary["meta"] = meta
     write_json(sum_path, summary)
     print(summary["line"])
-    if baseline.get("note"):
+    if summary["suite"]["strict"]["n_should_abstain"]:
+        print("  " + abstention_line(summary["suite"]))
+    if baseline.get("note") and not dataset_spec(dataset).options.get("abstain_groups"):  # no THS on abstention sets
         print("  note:", baseline["note"])
     return summary
 
@@ -464,16 +468,13 @@ def summarise_eval(records: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     out: dict[str, Any] = {"n": len(records), **{k: strict[k] for k in ("Pc", "Pw", "Pr", "P_fail")},
                            "counts": strict["counts"], "broad": broad}
     with_conf = [r for r in records if r.get("answer_conf") is not None and r.get("sure_prob") is not None]
-    ap = metrics.average_precision([bool(r["ap_correct"]) for r in with_conf],
-                                   [metrics.confidence_score(r["answer_conf"], r["sure_prob"]) for r in with_conf]) \
-        if with_conf else None
+    table = metrics.QuestionTable.from_records(records)
+    ap = metrics.table_ap(table)
     out["AP"] = _round(None if ap is None else 100 * ap)
     out["AP_n"] = len(with_conf)
     # 95% bootstrap intervals over questions (kb.bootstrap); THS's is added with its baseline.
     out["ci"] = bootstrap.rate_intervals([r["outcome"] for r in records])
-    out["ci"]["AP"] = bootstrap.ap_interval([bool(r["ap_correct"]) for r in with_conf],
-                                            [metrics.confidence_score(r["answer_conf"], r["sure_prob"]) for r in with_conf]) \
-        if ap is not None else None
+    out["ci"]["AP"] = bootstrap.table_ap_interval(table) if ap is not None else None
     if with_conf:
         out["mean_sure_prob"] = round(float(np.mean([r["sure_prob"] for r in with_conf])), 6)
         out["ap_accuracy"] = round(100 * float(np.mean([bool(r["ap_correct"]) for r in with_conf])), 4)
@@ -484,6 +485,30 @@ def summarise_eval(records: list[dict[str, Any]], kind: str) -> dict[str, Any]:
         n = len(with_conf)
         out["pred_share"] = {k: round(sum(1 for r in with_conf if r["pred"] == k) / n, 4) for k in "ABCD"}
     return out
+
+
+def suite_summary(records: list[dict[str, Any]], dataset: str) -> dict[str, dict[str, Any]]:
+    """kb.metrics.suite of the run's per-question table, strict and broad refusal rule. Records written
+    before `should_abstain` was stored get it from the registry (dataset, group)."""
+    recs = [r if "should_abstain" in r else {**r, "should_abstain": should_abstain(dataset, r.get("group", ""))}
+            for r in records]
+    return {rule: {k: _round(v, 6) if isinstance(v, float) else v
+                   for k, v in metrics.suite(metrics.QuestionTable.from_records(recs, broad=rule == "broad")).items()}
+            for rule in ("strict", "broad")}
+
+
+def abstention_line(suite: dict[str, dict[str, Any]]) -> str:
+    """One printed line: refusal rates on should-abstain / should-answer questions and abstention P/R/F1."""
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.1f}"
+
+    def frac(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f}"
+
+    s, b = suite["strict"], suite["broad"]
+    return (f"abstention: refused {pct(s['Pr_should_abstain'])}% of {s['n_should_abstain']} should-abstain, "
+            f"{pct(s['Pr_should_answer'])}% of {s['n'] - s['n_should_abstain']} should-answer | P {frac(s['abstain_precision'])} "
+            f"R {frac(s['abstain_recall'])} F1 {frac(s['abstain_f1'])} | broad F1 {frac(b['abstain_f1'])}")
 
 
 def _round(x: float | None, nd: int = 4) -> float | None:

@@ -36,9 +36,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kb import bootstrap, metrics  # noqa: E402
-from kb.calibration import DEFAULT_BINS, ece, reliability_bins  # noqa: E402
 from kb.errors import KbError  # noqa: E402
 from kb.io import read_json, read_jsonl  # noqa: E402
+from kb.metrics import DEFAULT_BINS, ece, reliability_bins  # noqa: E402
 from kb.paths import shown_path  # noqa: E402
 
 OUTCOMES = metrics.LABELS  # Pc + Pw + Pr + P_fail = 100%
@@ -331,11 +331,25 @@ class EvalSet:
     def ap(self) -> float | None:
         """R-Tuning's AP as evaluate.py defines it: over answers with both answer_conf and sure_prob,
         correctness of the answer (`ap_correct`) ranked by 0.5·answer_conf + 0.5·sure_prob."""
-        recs = [r for r in self.records if r.get("answer_conf") is not None and r.get("sure_prob") is not None]
-        if not recs:
-            return None
-        return metrics.average_precision([answer_correct(r) for r in recs],
-                                         [metrics.confidence_score(r["answer_conf"], r["sure_prob"]) for r in recs])
+        return metrics.table_ap(self.table())
+
+    def table(self, broad: bool = False) -> metrics.QuestionTable:
+        """The per-question table of kb.metrics, outcomes normalised by outcome_of (records without
+        outcome_broad use the strict outcome for the broad rule too)."""
+        def norm(r: dict[str, Any]) -> dict[str, Any]:
+            strict = outcome_of(r)
+            broad = outcome_of({**r, "outcome": r["outcome_broad"]}) if r.get("outcome_broad") else strict
+            return {**r, "outcome": strict, "outcome_broad": broad}
+
+        return metrics.QuestionTable.from_records([norm(r) for r in self.records], broad=broad)
+
+    @property
+    def abstention(self) -> bool:
+        """A set made to test abstention (SelfAware, FalseQA: registry `abstain_groups`)."""
+        from kb.data import abstention_datasets
+
+        return any(self.test_set.startswith(f"{d}_") for d in abstention_datasets()) or \
+            any(r.get("should_abstain") for r in self.records)
 
     @property
     def kind(self) -> str:
@@ -569,6 +583,8 @@ def method_rows(md: ModelData) -> list[dict[str, Any]]:
     """One row per (test set, method): rates, THS against the initial model on that test set, AP, CRSS."""
     by_test: dict[str, list[EvalSet]] = defaultdict(list)
     for ev in md.evals:
+        if ev.abstention:  # SelfAware / FalseQA: the refusal-transfer section, not THS
+            continue
         by_test[ev.test_set].append(ev)
     rows = []
     for test, evs in sorted(by_test.items()):
@@ -585,10 +601,7 @@ def method_rows(md: ModelData) -> list[dict[str, Any]]:
                 by_id = {x["id"]: outcome_of(x) for x in init.records}  # type: ignore[union-attr]
                 ci["THS"] = bootstrap.ths_interval(outcomes, [by_id[i] for i in ids])
             ap = ev.ap()
-            with_conf = [x for x in ev.records if x.get("answer_conf") is not None and x.get("sure_prob") is not None]
-            ci["AP"] = None if ap is None else bootstrap.ap_interval(
-                [answer_correct(x) for x in with_conf],
-                [metrics.confidence_score(x["answer_conf"], x["sure_prob"]) for x in with_conf])
+            ci["AP"] = None if ap is None else bootstrap.table_ap_interval(ev.table())
             rows.append({"model": md.name, "test_set": test, "method": ev.method, "n": len(ev.records), **r,
                          "THS": metrics.ths_of_rates(r, r1) if r1 else None,
                          "AP": None if ap is None else 100 * ap, "ci": ci,
@@ -632,6 +645,7 @@ def build_report(training_dir: Path, results_dir: Path, models: Sequence[str] | 
     _section_state(rep, data)
     _section_calibration(rep, data)
     _section_methods(rep, data)
+    _section_transfer(rep, data)
     return rep
 
 
@@ -857,6 +871,101 @@ def _differences(rep: Report, data: list[ModelData]) -> None:
     rep.table((["model"] if multi else []) + list(DIFF_COLUMNS),
               [([d["model"]] if multi else []) + [d["test set"], d["comparison"], d["n"],
                                                   *(cell(d[c]) for c in DIFF_COLUMNS[3:])] for d in diffs])
+
+
+def fig_transfer(panels: list[tuple[str, list[tuple[str, float, float]]]]) -> Any:
+    """Per model: one point per method at (false-refusal rate, refusal rate on should-abstain questions)."""
+    fig, axes = _grid(len(panels), 4.8, 4.5)
+    for ax, (title, points) in zip(axes, panels):
+        ax.plot([0, 100], [0, 100], "k:", lw=1, label="refuses regardless of the question")
+        for method, x, y in points:
+            ax.scatter([x], [y], s=40, marker="*" if method.startswith("initial") else "o", zorder=3)
+            ax.annotate(method, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlim(-3, 103)
+        ax.set_ylim(-3, 103)
+        ax.set_xlabel("refused, should answer (%): false refusals")
+        ax.set_ylabel("refused, should abstain (%)")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def fig_risk_coverage(curves: list[tuple[str, np.ndarray, np.ndarray, float]]) -> Any:
+    """Risk (error rate of the kept answers) against coverage, answers kept most confident first."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for title, cov, risk, area in curves:
+        ax.plot(cov, risk, lw=1.5, label=f"{title} (AURC {area:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("coverage (share of answers kept)")
+    ax.set_ylabel("risk (error rate of kept answers)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def _section_transfer(rep: Report, data: list[ModelData]) -> None:
+    rep.h(2, "5. Refusal transfer: unanswerable and false-premise questions")
+    rep.p("R-Tuning's claim that refusal is a meta-skill, tested on questions nobody can answer (SelfAware's "
+          "unanswerable questions) and questions with a false premise (FalseQA), next to questions that should be "
+          "answered (SelfAware's answerable ones, FalseQA's valid-premise edits, and the model's own test sets). "
+          "Refusals by the strict rule (the reply contains \"I don't know\"; R-Tuning's \"… I am unsure.\" too). "
+          "Abstention P / R / F1 (%): AbstentionBench's precision, recall and F1 with \"should abstain\" as the "
+          "positive class (kb/metrics.py).")
+    rows, panels = [], []
+    for md in data:
+        by_method: dict[str, list[EvalSet]] = defaultdict(list)
+        for ev in md.evals:
+            by_method[ev.method].append(ev)
+        points = []
+        for method in sorted(by_method, key=lambda m: (not m.startswith("initial"), m)):
+            evs = sorted(by_method[method], key=lambda e: (not e.abstention, e.test_set))
+            if not any(e.abstention for e in evs):
+                continue
+            for ev in evs:
+                st = metrics.suite(ev.table())
+                f1b = metrics.suite(ev.table(broad=True))["abstain_f1"]
+                rows.append([md.name, method, ev.test_set, st["n"], st["n_should_abstain"], st["Pr_should_abstain"],
+                             st["Pr_should_answer"], *(None if v is None else 100 * v for v in
+                                                       (st["abstain_precision"], st["abstain_recall"], st["abstain_f1"], f1b))])
+            pooled = [ev.table() for ev in evs]
+            abst = np.concatenate([t.abstained for t in pooled])
+            should = np.concatenate([t.should_abstain for t in pooled])
+            x, y = metrics.refusal_rate(abst, ~should), metrics.refusal_rate(abst, should)
+            if x is not None and y is not None:
+                points.append((method, x, y))
+        if points:
+            panels.append((md.name, points))
+    if not rows:
+        rep.miss("no evaluation on SelfAware or FalseQA: run `python evaluate.py --model <model> --test selfaware:test "
+                 "--test falseqa:test --template refuse --limit 40` (and with --method for each tuned model)")
+    else:
+        rep.table(["model", "method", "test set", "n", "should abstain", "refused, should abstain (%)",
+                   "refused, should answer (%)", "abst. P", "abst. R", "abst. F1", "abst. F1 broad"], rows)
+        rep.fig(fig_transfer(panels), "refusal_transfer",
+                "Refusal transfer, one point per method (star: the untuned model): x = share of the questions that should "
+                "be answered that it refused (SelfAware answerable, FalseQA valid premise and its own test sets, pooled), "
+                "y = share of the unanswerable and false-premise questions it refused. Up and to the left is better; on "
+                "the dotted diagonal refusals ignore the question.")
+    curves = []
+    for md in data:
+        for ev in md.evals:
+            if ev.method == "initial" and ev.kind == "open" and not ev.abstention:
+                t = ev.table()
+                ans = t.answered
+                if ans.any():
+                    y_ok, conf = t.outcome[ans] == "correct", t.confidence[ans]
+                    cov, risk = metrics.risk_coverage(y_ok, conf)
+                    curves.append((f"{md.name}: {ev.test_set} (n={int(ans.sum())})", cov, risk, metrics.aurc(y_ok, conf)))
+    if curves:
+        rep.fig(fig_risk_coverage(curves), "risk_coverage",
+                "Risk-coverage of the untuned model M0 on the open-answer track: its answers sorted by confidence (geometric "
+                "mean of the greedy tokens' probabilities), most confident first; risk = error rate among the answers kept "
+                "(tied confidences count at their expected error). AURC = the mean risk over all coverages; lower is better.")
+    else:
+        rep.miss("no open-answer evaluation of the initial model with answer confidences, so no risk-coverage plot: run "
+                 "`python evaluate.py --model <model> --test pararel:ID_test`")
 
 
 def write_report(rep: Report, title: str = "kb knowledge-boundary report") -> tuple[Path, Path]:

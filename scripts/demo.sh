@@ -35,7 +35,7 @@ TRACK=${TRACK:-open}
 N_PROBE=${N_PROBE:-100}      # questions per Task 2.1 probe (MMLU 0-shot, 5-shot, ParaRel)
 N_SOURCE=${N_SOURCE:-100}    # ID-train questions: R-Tuning data, the threshold's t, CRaFT's state
 N_TEST=${N_TEST:-100}        # questions per test set (ID test, OOD test), the same for every method
-N_ABSTAIN=${N_ABSTAIN:-30}   # questions per abstention set (SelfAware, FalseQA), the same for every method
+N_ABSTAIN=${N_ABSTAIN:-25}   # questions per abstention set (SelfAware, FalseQA), the same for every method
 RT_STEPS=${RT_STEPS:-10}     # optimizer steps (of 8 instances) per R-Tuning fine-tune
 RAIT_STEPS=${RAIT_STEPS:-8}  # optimizer steps (of 8 instances) per RAIT fine-tune
 FT=configs/finetune_cpu_demo.yaml
@@ -54,9 +54,10 @@ stamp() { echo; echo "[demo $(( $(date +%s) - start ))s] $*"; }
 run() {
   if ((DRY)); then local line; printf -v line '%q ' "$@"; echo "${line% }"; else "$@"; fi
 }
-# One evaluation command per model: the track's test sets and the abstention sets.
+# Two evaluation commands per model: the track's test sets, and the abstention sets (unanswerable and
+# false-premise questions, plus their answerable / valid-premise ones; no AP there).
 evaluate() { run $PY evaluate.py "$@" "${TESTS[@]}" --limit "$N_TEST"
-             run $PY evaluate.py "$@" "${ABSTAIN[@]}" --limit "$N_ABSTAIN"; }
+             run $PY evaluate.py "$@" "${ABSTAIN[@]}" --limit "$N_ABSTAIN" --no-ap; }
 
 stamp "1/4 knowledge-boundary probing on $MODEL (R-Tuning Task 2.1)"
 run $PY run_MMLU.py --model "$MODEL" --domain ID --split train --shots 0 --limit "$N_PROBE" --method all
@@ -73,7 +74,9 @@ else
 fi
 # The initial model under BASIC: THS's reference on the test sets, and on the training questions the
 # threshold baseline picks its t from (never from test questions).
-evaluate --model "$MODEL" --template basic
+run $PY evaluate.py --model "$MODEL" --template basic "${TESTS[@]}" --limit "$N_TEST"
+# On the abstention sets M0 is asked both ways: BASIC (what the threshold baseline re-labels) and REFUSE.
+run $PY evaluate.py --model "$MODEL" --template basic,refuse "${ABSTAIN[@]}" --limit "$N_ABSTAIN" --no-ap
 run $PY evaluate.py --model "$MODEL" --template basic --test "$TRAIN_TEST" --limit "$N_SOURCE" --no-ap
 # (the abstention sets are open questions: the threshold applies there on the open track only)
 THRESHOLD_TESTS=("${TESTS[@]}"); [[ $TRACK == open ]] && THRESHOLD_TESTS+=("${ABSTAIN[@]}")
@@ -114,5 +117,6 @@ done
 
 stamp "4/4 tables and report"
 run $PY results_table.py --model "$LABEL"
+run $PY results_table.py --model "$LABEL" --abstention
 run $PY report.py --models "$LABEL"
 stamp "done: results/$LABEL/table_rtuning.md, results/report.md, results/report.html"

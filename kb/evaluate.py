@@ -38,7 +38,7 @@ from kb.finetune import read_base_info
 from kb.io import RecordLog, read_json, read_jsonl, write_json, write_jsonl
 from kb.models import LoadedModel, load_model, resolve_model
 from kb.paths import repo_path, slug
-from kb.prompts import PromptFormat, join_answer, render, resolve_chat, rtuning_strings, sure_probe_suffix, templates
+from kb.prompts import PromptFormat, join_answer, letter_rule, render, resolve_chat, rtuning_strings, sure_probe_suffix, templates
 from kb.provenance import make_meta, recorded_args, start_records
 
 DEFAULT_MAX_NEW_TOKENS = {"mcq": 8, "open": 16}  # MCQ replies are a letter or "I don't know."
@@ -173,7 +173,8 @@ def evaluate_set(lm: LoadedModel, label: str, method: str, tuned: bool, dataset:
     run_key = {"dataset": spec.name, "split": split, "prompt": fmt.describe(), "limit": args.limit, "seed": args.seed,
                "max_new_tokens": max_new, "rtuning_extra_tokens": RTUNING_EXTRA_TOKENS, "ap": args.ap,
                "method": method}
-    meta = make_meta("evaluate", run_key, lm, samples, {"label": label, "row": row, "tuned": tuned,
+    rule = letter_rule(fmt) if kind == "mcq" else None
+    meta = make_meta("evaluate", run_key, lm, samples, {"label": label, "row": row, "tuned": tuned, "letter_rule": rule,
                                                         "args": recorded_args(args)})
     start_records(rec_path, meta_path, meta, args.restart)
 
@@ -185,7 +186,7 @@ def evaluate_set(lm: LoadedModel, label: str, method: str, tuned: bool, dataset:
                            overhead_tokens=decode_step_tokens(lm.model))
     scorer = PrefixScorer(lm.model, tok.pad_token_id)
     decoder = GreedyDecoder(lm.model, tok.pad_token_id, stop_token_ids(lm))
-    cands = letter_candidates(tok) if kind == "mcq" else []
+    cands = letter_candidates(tok, max(len(s.choices) for s in samples), rule) if rule else []
     sure_ids = [tok.encode(w, add_special_tokens=False) for w in (" sure", " unsure")]
     name = f"{row} {test_name(dataset, split)}"
     with RecordLog(rec_path) as log:

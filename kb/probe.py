@@ -35,7 +35,7 @@ from kb.io import write_json
 from kb.lmflow import make_dataset, to_text_only, write_dataset
 from kb.models import LoadedModel, load_model
 from kb.paths import repo_path
-from kb.prompts import PromptFormat, render, resolve_chat
+from kb.prompts import PromptFormat, letter_rule, render, resolve_chat
 from kb.provenance import make_meta, recorded_args, start_records
 from kb.rtuning import METHODS, answer_entropy, build_instances
 
@@ -96,9 +96,10 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
     rec_path = out_dir / f"probe_{name}.jsonl"
     meta_path = out_dir / f"probe_{name}.meta.json"
     sample_uncertain = "uncertain" in methods
+    rule = letter_rule(fmt) if spec.kind == "mcq" else None
     run_key = {"dataset": spec.name, "split": split, "prompt": fmt.describe(), "limit": args.limit, "seed": args.seed,
                "batch_size": args.batch_size, "max_new_tokens": max_new_tokens if spec.kind == "open" else None,
-               "uncertain_samples": UNCERTAIN_SAMPLES if sample_uncertain else 0}
+               "uncertain_samples": UNCERTAIN_SAMPLES if sample_uncertain else 0, "letter_rule": rule}
     meta = make_meta("probe", run_key, lm, samples, {"args": recorded_args(args)})
     start_records(rec_path, meta_path, meta, args.restart)
 
@@ -113,7 +114,7 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
         bar = tqdm(total=len(samples), initial=len(samples) - sum(len(b.indices) for b in todo),
                    desc=f"probe {name}", unit="q")
         scorer = PrefixScorer(lm.model, tok.pad_token_id)
-        cands = letter_candidates(tok) if spec.kind == "mcq" else []
+        cands = letter_candidates(tok, max(len(s.choices) for s in samples), rule) if rule else []
         # MCQ batches are queued one ahead of the one being written (no GPU idle while records are built).
         scored = scorer.score_many((([seqs[i] for i in b.indices], b.prefix_len) for b in todo),
                                    [t for c in cands for t in c]) if spec.kind == "mcq" else None

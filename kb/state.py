@@ -30,7 +30,7 @@ from kb.errors import KbError
 from kb.io import write_json
 from kb.models import LoadedModel
 from kb.probe import encode, token_budget
-from kb.prompts import PromptFormat, render, render_text, resolve_chat, templates
+from kb.prompts import PromptFormat, letter_rule, render, render_text, resolve_chat, templates
 from kb.provenance import check_resumable, make_meta
 from kb.statefile import (
     DEFAULT_SHOTS,
@@ -270,7 +270,7 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
     npy, side = reps_paths(rec_path)
     hidden = int(lm.model.get_input_embeddings().embedding_dim)
     run_key = {"stage": "state", "settings": asdict(settings), "prompt": {**fmt.describe(), "shot_layout": shot_layout(fmt)},
-               "embedder_fingerprint": embedder_fp}
+               "letter_rule": letter_rule(fmt) if kind == "mcq" else None, "embedder_fingerprint": embedder_fp}
     cer_def = ("sum_o p(o) log p(o) (negative entropy of the renormalised letter probabilities)"
                if settings.mcq_cer == "entropy" else "sum_o p(o)^2 (pairwise agreement, closed form)") if kind == "mcq" \
         else "1/(N(N-1)) sum_{j!=k} cos(E(a_j), E(a_k)) over N sampled answers"
@@ -309,7 +309,7 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
     batches = plan_batches(seqs, groups, settings.batch_size, budget, share_prefix=kind == "mcq",
                            copies=max(settings.n_samples, 1), extra_tokens=settings.max_new_tokens)
     scorer = PrefixScorer(lm.model, tok.pad_token_id)
-    cands = letter_candidates(tok) if kind == "mcq" else []
+    cands = letter_candidates(tok, max(len(s.choices) for s in samples), letter_rule(fmt)) if kind == "mcq" else []
     with ShardedLog(rec_path, dist, restart=fresh) as log:
         todo = shard([b for b in batches if any(samples[i].id not in log for i in b.indices)], dist, seqs)
         bar = tqdm(total=len(samples), initial=len(samples) - sum(len(b.indices) for b in todo),

@@ -1,4 +1,4 @@
-"""Evaluation of an initial or tuned model on ID/OOD test sets (Task 2.2.1, DESIGN.md sections 3, 8).
+"""Evaluation of an initial or tuned model on ID/OOD test sets (Task 2.2.1, docs/method.md sections 3.5, 8).
 
 Per question, in one batch pass over the test set:
   1. the reply: greedy, 0-shot, `max_new_tokens` (MCQ 8, open 16), classified by kb.answers as
@@ -44,7 +44,7 @@ from kb.provenance import make_meta, recorded_args, start_records
 DEFAULT_MAX_NEW_TOKENS = {"mcq": 8, "open": 16}  # MCQ replies are a letter or "I don't know."
 RTUNING_EXTRA_TOKENS = 32  # budget to finish "Are you sure ...? I am (un)sure." (about 20 tokens)
 INITIAL = "initial"
-# Test sets of the two tracks (DESIGN.md section 8, R-Tuning's splits).
+# Test sets of the two tracks (docs/method.md section 8, R-Tuning's splits).
 DEFAULT_TESTS = ("mmlu:ID_test", "mmlu:OOD_test")
 SHORT_TEMPLATES = {"basic": {"mcq": "mcq_basic", "open": "open_basic"},
                    "refuse": {"mcq": "mcq_refuse", "open": "open_refuse"}}

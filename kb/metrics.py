@@ -1,4 +1,4 @@
-"""Evaluation metrics (DESIGN.md sections 3 and 8): answer-type rates, THS and R-Tuning's AP.
+"""Evaluation metrics (docs/method.md sections 3.5, 3.7 and 8): answer-type rates, THS, R-Tuning's AP, chance.
 
 All rates are percentages of the questions (Pc + Pw + Pr + P_fail = 100), so THS comes out in
 percentage points like the paper's tables.
@@ -33,6 +33,25 @@ def ths(pc2: float, pw2: float, pc1: float, pw1: float) -> float | None:
     if pw1 == 0:
         return None
     return (pc2 * pw1 - pw2 * pc1) / pw1
+
+
+NEAR_CHANCE_MARGIN = 0.05  # MCQ accuracy less than 5 points above chance: the boundary is mostly letter bias
+
+
+def chance_accuracy(n_choices: Sequence[int]) -> float:
+    """Expected accuracy of uniform guessing: the mean of 1 / number of choices over the questions."""
+    if not n_choices:
+        raise ValueError("no questions")
+    return sum(1 / n for n in n_choices) / len(n_choices)
+
+
+def near_chance_note(accuracy: float, chance: float) -> str | None:
+    """The near-chance warning (docs/method.md section 3.7), the one rule and wording every output uses;
+    None when the accuracy (a fraction) is at least 5 points above chance."""
+    if accuracy >= chance + NEAR_CHANCE_MARGIN:
+        return None
+    return (f"accuracy {accuracy:.1%} is less than 5 points above chance ({chance:.0%}): the multiple-choice "
+            "knowledge boundary is mostly letter bias, not knowledge; ParaRel's is more meaningful")
 
 
 def confidence_score(answer_conf: float, sure_prob: float) -> float:

@@ -33,6 +33,7 @@ from kb.engine import (
 from kb.errors import KbError
 from kb.io import write_json
 from kb.lmflow import make_dataset, to_text_only, write_dataset
+from kb.metrics import chance_accuracy, near_chance_note
 from kb.models import LoadedModel, load_model
 from kb.paths import repo_path
 from kb.prompts import PromptFormat, letter_rule, render, resolve_chat
@@ -208,12 +209,12 @@ def summarise(records: list[dict[str, Any]], kind: str, name: str, lm: LoadedMod
         counts = Counter(r["pred"] for r in records)
         share = {k: round(counts.get(k, 0) / n, 4) for k in "ABCD"}
         out["pred_share"] = share
-        chance = sum(1 / len(r["choices"]) for r in records) / n
+        chance = chance_accuracy([len(r["choices"]) for r in records])
         out["chance"] = round(chance, 4)
         top = max(share, key=lambda k: share[k])
-        if acc < chance + 0.05:
-            out["note"] = (f"accuracy is at most 5 points above chance ({chance:.0%}) and {share[top]:.0%} of answers are "
-                           f"'{top}': this model's MCQ 'knowledge boundary' is mostly noise; ParaRel's is more meaningful")
+        note = near_chance_note(acc, chance)
+        if note:
+            out["note"] = f"{note} ({share[top]:.0%} of answers are '{top}')"
         out["line"] = f"{label}: accuracy {acc:.1%} on {n} questions (chance {chance:.0%}; predicted A/B/C/D " + \
             "/".join(f"{share[k]:.0%}" for k in "ABCD") + ")"
     else:

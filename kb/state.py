@@ -1,4 +1,4 @@
-"""Knowledge-state query (CRaFT stage 1, DESIGN.md section 4): Cor, Cer and a representation per question.
+"""Knowledge-state query (CRaFT stage 1, docs/method.md section 4): Cor, Cer and a representation per question.
 
 Multiple choice is exact from one forward pass: the letter distribution after the prompt gives
 Cor = p(gold), Cer = sum p log p (or the card's agreement sum p^2; both are stored). Open answers
@@ -28,6 +28,7 @@ from kb.distributed import Dist, ShardedLog, shard
 from kb.engine import PrefixScorer, batch_seed, generate, letter_candidates, letter_probs, plan_batches
 from kb.errors import KbError
 from kb.io import write_json
+from kb.metrics import chance_accuracy, near_chance_note
 from kb.models import LoadedModel
 from kb.probe import encode, token_budget
 from kb.prompts import PromptFormat, letter_rule, render, render_text, resolve_chat, templates
@@ -441,11 +442,11 @@ def summarise(state: StateFile, lm: LoadedModel, fmt: PromptFormat, wall_s: floa
         out["mean_cer_agree"] = round(float(np.mean([r["cer_agree"] for r in recs])), 6)
         out["n_rehearsable"] = int((cor > 0.99).sum())
         out["pred_share"] = {k: round(float(np.mean([r["pred"] == k for r in recs])), 4) for k in "ABCD"}
-        chance = float(np.mean([1 / len(r["choices"]) for r in recs]))
+        chance = chance_accuracy([len(r["choices"]) for r in recs])
         out["chance"] = round(chance, 4)
-        if acc < chance + 0.05:
-            out["note"] = (f"accuracy is at most 5 points above chance ({chance:.0%}): this model's MCQ state is mostly "
-                           "letter bias, so its Cor/Cer split says little about knowledge")
+        note = near_chance_note(acc, chance)
+        if note:
+            out["note"] = f"{note} (so this state's Cor/Cer split says little about knowledge)"
         out["line"] = (f"{label}: accuracy {acc:.1%}, mean Cor {cor.mean():.3f}, mean Cer {cer.mean():.3f} on {n} "
                        f"questions; {out['n_rehearsable']} with p(gold) > 0.99")
     else:

@@ -68,6 +68,7 @@ def test_overrides_and_seed() -> None:
         ft.parse_overrides(["learning_rate"])
 
 
+@pytest.mark.slow  # trains
 def test_lora_finetune_reduces_loss_and_writes_a_loadable_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:
     import torch
 
@@ -91,6 +92,7 @@ def test_lora_finetune_reduces_loss_and_writes_a_loadable_adapter(tiny_model_dir
         assert not torch.allclose(tuned.model(input_ids=ids).logits, base.model(input_ids=ids).logits)
 
 
+@pytest.mark.slow  # trains
 def test_full_finetune_on_text_only(tiny_model_dir: Path, tmp_path: Path) -> None:
     from kb.models import load_model
 
@@ -108,6 +110,7 @@ class _Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow  # trains
 def test_resume_from_checkpoint(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import TrainerCallback
 
@@ -165,6 +168,7 @@ def test_unknown_override_is_rejected_by_the_cli(tiny_model_dir: Path, tmp_path:
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # trains in two processes
 def test_two_process_data_parallel_finetune(tiny_model_dir: Path, tmp_path: Path) -> None:
     """torchrun with 2 CPU processes (gloo, DDP through the Trainer): one output dir, written once, that loads."""
     from kb.models import load_model

@@ -173,6 +173,7 @@ def test_open_state_resumes_to_identical_records(tmp_path, tiny_model_dir):
     assert full.meta["run_key"]["settings"]["chat"] is True  # open default: the chat template when there is one
 
 
+@pytest.mark.slow  # two torchrun processes
 @pytest.mark.parametrize("dataset", ["mmlu", "pararel"])
 def test_two_ranks_write_the_single_process_state_files(tmp_path, tiny_model_dir, dataset):
     """torchrun with 2 CPU processes (gloo): records, representations and their index equal a single run's."""

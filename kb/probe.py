@@ -100,7 +100,8 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
     rule = letter_rule(fmt) if spec.kind == "mcq" else None
     run_key = {"dataset": spec.name, "split": split, "prompt": fmt.describe(), "limit": args.limit, "seed": args.seed,
                "batch_size": args.batch_size, "max_new_tokens": max_new_tokens if spec.kind == "open" else None,
-               "uncertain_samples": UNCERTAIN_SAMPLES if sample_uncertain else 0, "letter_rule": rule}
+               "uncertain_samples": UNCERTAIN_SAMPLES if sample_uncertain else 0,
+               **({"letter_rule": rule} if rule else {})}  # MCQ only: open-answer run keys are unchanged
     meta = make_meta("probe", run_key, lm, samples, {"args": recorded_args(args)})
     start_records(rec_path, meta_path, meta, args.restart)
 

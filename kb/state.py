@@ -271,7 +271,7 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
     npy, side = reps_paths(rec_path)
     hidden = int(lm.model.get_input_embeddings().embedding_dim)
     run_key = {"stage": "state", "settings": asdict(settings), "prompt": {**fmt.describe(), "shot_layout": shot_layout(fmt)},
-               "letter_rule": letter_rule(fmt) if kind == "mcq" else None, "embedder_fingerprint": embedder_fp}
+               "embedder_fingerprint": embedder_fp, **({"letter_rule": letter_rule(fmt)} if kind == "mcq" else {})}
     cer_def = ("sum_o p(o) log p(o) (negative entropy of the renormalised letter probabilities)"
                if settings.mcq_cer == "entropy" else "sum_o p(o)^2 (pairwise agreement, closed form)") if kind == "mcq" \
         else "1/(N(N-1)) sum_{j!=k} cos(E(a_j), E(a_k)) over N sampled answers"

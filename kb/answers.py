@@ -22,7 +22,7 @@ def _norm_quotes(text: str) -> str:
 
 
 def is_refusal(text: str, broad: bool = False) -> bool:
-    """Strict rule (DESIGN.md section 8): contains "i don't know", case-insensitive. Broad: any phrase."""
+    """Strict rule (docs/method.md section 8): contains "i don't know", case-insensitive. Broad: any phrase."""
     t = _norm_quotes(text).lower()
     if not broad:
         return STRICT_REFUSAL in t

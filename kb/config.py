@@ -11,8 +11,19 @@ import yaml
 from kb.errors import KbError
 from kb.paths import repo_path
 
+BASE_KEY = "base"  # a YAML file may start from another: `base: other.yaml` (path relative to the file)
 
-def load_yaml(path: str) -> dict[str, Any]:
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`; nested mappings merge key by key, anything else (null too) replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_yaml(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping; with `base: other.yaml` its keys go on top of that file's (resolved the same way)."""
     p = repo_path(path)
     if not p.is_file():
         raise KbError(f"{p}: config file not found")
@@ -22,6 +33,13 @@ def load_yaml(path: str) -> dict[str, Any]:
         raise KbError(f"{p}: malformed YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise KbError(f"{p}: a config must be a mapping of option: value")
+    if BASE_KEY in data:
+        base = data.pop(BASE_KEY)
+        if not isinstance(base, str) or not base:
+            raise KbError(f"{p}: field '{BASE_KEY}': expected a YAML file name, got {base!r}")
+        if str(p.resolve()) in _seen:
+            raise KbError(f"{p}: '{BASE_KEY}' files include each other: {' -> '.join(_seen)}")
+        data = _merge(load_yaml(str(p.parent / base), (*_seen, str(p.resolve()))), data)
     return data
 
 

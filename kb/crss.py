@@ -1,4 +1,4 @@
-"""CRSS, the static conflict of a RAIT set (CRaFT, DESIGN.md section 5).
+"""CRSS, the static conflict of a RAIT set (CRaFT, docs/method.md section 5).
 
 CRSS = |{x_i in D_idk : max_{x_j in D_van} cos(r_i, r_j) > tau_sim}| / |D_idk|: the share of "I don't
 know" questions that have a near-twin (by the model's own question representation) trained to answer.

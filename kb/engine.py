@@ -52,15 +52,29 @@ class Batch:
         return f"{self.group}:{self.indices[0]}:{len(self.indices)}"
 
 
-def letter_candidates(tokenizer: Any, n: int = len(LETTERS)) -> list[list[int]]:
-    """Single-token ids that spell each letter: 'A' and ' A' (after 'Answer:' or a chat header)."""
+def letter_candidates(tokenizer: Any, n: int = len(LETTERS), rule: str = "summed_variants") -> list[list[int]]:
+    """Token ids that count as each letter under `rule` (kb.prompts.letter_rule).
+
+    summed_variants: the single tokens spelling 'A' and ' A' (after a chat header or "Answer: ").
+    harness: the one token lm-evaluation-harness scores as the continuation " A" after "Answer:"
+    (the tokens "Answer: A" adds to "Answer:")."""
+    if rule not in ("harness", "summed_variants"):
+        raise ValueError(f"unknown letter rule {rule!r}")
     out = []
     for letter in LETTERS[:n]:
-        ids = []
-        for text in (letter, " " + letter):
-            toks = tokenizer.encode(text, add_special_tokens=False)
-            if len(toks) == 1 and toks[0] not in ids:
-                ids.append(toks[0])
+        ids: list[int] = []
+        if rule == "harness":
+            ctx = tokenizer.encode("Answer:", add_special_tokens=False)
+            whole = tokenizer.encode("Answer: " + letter, add_special_tokens=False)
+            if whole[:len(ctx)] == ctx and len(whole) == len(ctx) + 1:
+                ids.append(whole[-1])
+            else:
+                raise ValueError(f"tokenizer has no single continuation token for {' ' + letter!r} after 'Answer:'")
+        else:
+            for text in (letter, " " + letter):
+                toks = tokenizer.encode(text, add_special_tokens=False)
+                if len(toks) == 1 and toks[0] not in ids:
+                    ids.append(toks[0])
         if not ids:
             raise ValueError(f"tokenizer has no single token for letter {letter!r}")
         out.append(ids)
@@ -505,7 +519,7 @@ class PrefixScorer:
 
 
 def letter_probs(logp: torch.Tensor, candidates: list[list[int]], n_choices: Sequence[int]) -> list[list[float]]:
-    """Sum each letter's token variants, keep the question's letters, renormalise over them.
+    """Sum each letter's token variants (one under the harness rule), keep the question's letters, renormalise.
 
     `logp` holds the log-probs of the flattened candidates (columns in `candidates` order)."""
     flat = [t for c in candidates for t in c]

@@ -1,4 +1,4 @@
-"""Evaluation of an initial or tuned model on ID/OOD test sets (Task 2.2.1, DESIGN.md sections 3, 8).
+"""Evaluation of an initial or tuned model on ID/OOD test sets (Task 2.2.1, docs/method.md sections 3.5, 8).
 
 Per question, in one batch pass over the test set:
   1. the reply: greedy, 0-shot, `max_new_tokens` (MCQ 8, open 16), classified by kb.answers as
@@ -38,13 +38,23 @@ from kb.finetune import read_base_info
 from kb.io import RecordLog, read_json, read_jsonl, write_json, write_jsonl
 from kb.models import LoadedModel, load_model, resolve_model
 from kb.paths import repo_path, slug
-from kb.prompts import PromptFormat, base_shots, join_answer, render, resolve_chat, rtuning_strings, sure_probe_suffix, templates
+from kb.prompts import (
+    PromptFormat,
+    base_shots,
+    join_answer,
+    letter_rule,
+    render,
+    resolve_chat,
+    rtuning_strings,
+    sure_probe_suffix,
+    templates,
+)
 from kb.provenance import make_meta, recorded_args, start_records
 
 DEFAULT_MAX_NEW_TOKENS = {"mcq": 8, "open": 16}  # MCQ replies are a letter or "I don't know."
 RTUNING_EXTRA_TOKENS = 32  # budget to finish "Are you sure ...? I am (un)sure." (about 20 tokens)
 INITIAL = "initial"
-# Test sets of the two tracks (DESIGN.md section 8, R-Tuning's splits).
+# Test sets of the two tracks (docs/method.md section 8, R-Tuning's splits).
 DEFAULT_TESTS = ("mmlu:ID_test", "mmlu:OOD_test")
 SHORT_TEMPLATES = {"basic": {"mcq": "mcq_basic", "open": "open_basic"},
                    "refuse": {"mcq": "mcq_refuse", "open": "open_refuse"}}
@@ -173,7 +183,8 @@ def evaluate_set(lm: LoadedModel, label: str, method: str, tuned: bool, dataset:
     run_key = {"dataset": spec.name, "split": split, "prompt": fmt.describe(), "limit": args.limit, "seed": args.seed,
                "max_new_tokens": max_new, "rtuning_extra_tokens": RTUNING_EXTRA_TOKENS, "ap": args.ap,
                "method": method}
-    meta = make_meta("evaluate", run_key, lm, samples, {"label": label, "row": row, "tuned": tuned,
+    rule = letter_rule(fmt) if kind == "mcq" else None
+    meta = make_meta("evaluate", run_key, lm, samples, {"label": label, "row": row, "tuned": tuned, "letter_rule": rule,
                                                         "args": recorded_args(args)})
     start_records(rec_path, meta_path, meta, args.restart)
 
@@ -187,7 +198,7 @@ def evaluate_set(lm: LoadedModel, label: str, method: str, tuned: bool, dataset:
     # Solved examples before the question (base models): the reply is the rest of its line, as in the examples.
     stops = stop_token_ids(lm) | (newline_token_ids(tok) if base_shots(fmt) else set())
     decoder = GreedyDecoder(lm.model, tok.pad_token_id, stops)
-    cands = letter_candidates(tok) if kind == "mcq" else []
+    cands = letter_candidates(tok, max(len(s.choices) for s in samples), rule) if rule else []
     sure_ids = [tok.encode(w, add_special_tokens=False) for w in (" sure", " unsure")]
     name = f"{row} {test_name(dataset, split)}"
     with RecordLog(rec_path) as log:

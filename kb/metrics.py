@@ -47,6 +47,25 @@ def ths_of_rates(method: dict[str, float], initial: dict[str, float]) -> float |
                initial["Pc"], initial["Pw"] + initial.get("P_fail", 0.0))
 
 
+NEAR_CHANCE_MARGIN = 0.05  # MCQ accuracy less than 5 points above chance: the boundary is mostly letter bias
+
+
+def chance_accuracy(n_choices: Sequence[int]) -> float:
+    """Expected accuracy of uniform guessing: the mean of 1 / number of choices over the questions."""
+    if not n_choices:
+        raise ValueError("no questions")
+    return sum(1 / n for n in n_choices) / len(n_choices)
+
+
+def near_chance_note(accuracy: float, chance: float) -> str | None:
+    """The near-chance warning (docs/method.md section 3.7), the one rule and wording every output uses;
+    None when the accuracy (a fraction) is at least 5 points above chance."""
+    if accuracy >= chance + NEAR_CHANCE_MARGIN:
+        return None
+    return (f"accuracy {accuracy:.1%} is less than 5 points above chance ({chance:.0%}): the multiple-choice "
+            "knowledge boundary is mostly letter bias, not knowledge; ParaRel's is more meaningful")
+
+
 def confidence_score(answer_conf: float, sure_prob: float) -> float:
     """R-Tuning's ranking score: the mean of answer confidence and p(sure)."""
     return 0.5 * answer_conf + 0.5 * sure_prob

@@ -33,9 +33,10 @@ from kb.engine import (
 from kb.errors import KbError
 from kb.io import write_json
 from kb.lmflow import make_dataset, to_text_only, write_dataset
+from kb.metrics import chance_accuracy, near_chance_note
 from kb.models import LoadedModel, load_model
 from kb.paths import repo_path
-from kb.prompts import PromptFormat, render, resolve_chat
+from kb.prompts import PromptFormat, letter_rule, render, resolve_chat
 from kb.provenance import make_meta, recorded_args, start_records
 from kb.rtuning import METHODS, answer_entropy, build_instances
 
@@ -96,9 +97,11 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
     rec_path = out_dir / f"probe_{name}.jsonl"
     meta_path = out_dir / f"probe_{name}.meta.json"
     sample_uncertain = "uncertain" in methods
+    rule = letter_rule(fmt) if spec.kind == "mcq" else None
     run_key = {"dataset": spec.name, "split": split, "prompt": fmt.describe(), "limit": args.limit, "seed": args.seed,
                "batch_size": args.batch_size, "max_new_tokens": max_new_tokens if spec.kind == "open" else None,
-               "uncertain_samples": UNCERTAIN_SAMPLES if sample_uncertain else 0}
+               "uncertain_samples": UNCERTAIN_SAMPLES if sample_uncertain else 0,
+               **({"letter_rule": rule} if rule else {})}  # MCQ only: open-answer run keys are unchanged
     meta = make_meta("probe", run_key, lm, samples, {"args": recorded_args(args)})
     start_records(rec_path, meta_path, meta, args.restart)
 
@@ -113,7 +116,7 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
         bar = tqdm(total=len(samples), initial=len(samples) - sum(len(b.indices) for b in todo),
                    desc=f"probe {name}", unit="q")
         scorer = PrefixScorer(lm.model, tok.pad_token_id)
-        cands = letter_candidates(tok) if spec.kind == "mcq" else []
+        cands = letter_candidates(tok, max(len(s.choices) for s in samples), rule) if rule else []
         # MCQ batches are queued one ahead of the one being written (no GPU idle while records are built).
         scored = scorer.score_many((([seqs[i] for i in b.indices], b.prefix_len) for b in todo),
                                    [t for c in cands for t in c]) if spec.kind == "mcq" else None
@@ -207,12 +210,12 @@ def summarise(records: list[dict[str, Any]], kind: str, name: str, lm: LoadedMod
         counts = Counter(r["pred"] for r in records)
         share = {k: round(counts.get(k, 0) / n, 4) for k in "ABCD"}
         out["pred_share"] = share
-        chance = sum(1 / len(r["choices"]) for r in records) / n
+        chance = chance_accuracy([len(r["choices"]) for r in records])
         out["chance"] = round(chance, 4)
         top = max(share, key=lambda k: share[k])
-        if acc < chance + 0.05:
-            out["note"] = (f"accuracy is at most 5 points above chance ({chance:.0%}) and {share[top]:.0%} of answers are "
-                           f"'{top}': this model's MCQ 'knowledge boundary' is mostly noise; ParaRel's is more meaningful")
+        note = near_chance_note(acc, chance)
+        if note:
+            out["note"] = f"{note} ({share[top]:.0%} of answers are '{top}')"
         out["line"] = f"{label}: accuracy {acc:.1%} on {n} questions (chance {chance:.0%}; predicted A/B/C/D " + \
             "/".join(f"{share[k]:.0%}" for k in "ABCD") + ")"
     else:

@@ -107,6 +107,22 @@ def resolve_chat(mode: str, tokenizer: Any) -> bool:
     return has if mode == "auto" else mode == "on"
 
 
+LETTER_RULES = ("harness", "summed_variants")
+
+
+def letter_rule(fmt: PromptFormat) -> str:
+    """Which next tokens count as an MCQ letter after this prompt (docs/method.md section 3.1).
+
+    "harness": a raw prompt ending in a non-space character ("...Answer:", the lm-evaluation-harness
+    template) is scored as the harness scores it: the continuation " A" alone, so accuracy matches
+    published MMLU numbers. "summed_variants": after a chat header or a prompt ending in a space
+    (CRaFT's "Answer: "), the model may write "A" or " A"; both are summed.
+    """
+    t = templates()[fmt.template]
+    item = t.get("base_item", t["item"]) if base_shots(fmt) else t["item"]
+    return "harness" if not fmt.chat and item and not item[-1].isspace() else "summed_variants"
+
+
 def join_answer(prompt: str, answer: str) -> str:
     """Text between prompt and answer: a space after 'Answer:', nothing after a newline or space."""
     return "" if not prompt or prompt[-1] in " \n" else " "

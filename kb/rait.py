@@ -1,4 +1,4 @@
-"""Refusal-aware instruction-tuning (RAIT) sets from knowledge state and flow (CRaFT stage 2, DESIGN.md section 7).
+"""Refusal-aware instruction-tuning (RAIT) sets from knowledge state and flow (CRaFT stage 2, docs/method.md section 7).
 
 Methods, all from the same state (and flow) files:
   van           Van-Tuning: N_van + N_idk questions at random, every one with its gold answer
@@ -31,7 +31,7 @@ from kb.statefile import FlowRecord, StateRecord, source_name
 METHODS = ("van", "cor_rait", "corcer_rait", "craft_wo_cer", "craft")
 NEEDS_FLOW = frozenset({"craft_wo_cer", "craft"})
 IDK_ANSWER = "I don't know."
-REFUSE_TEMPLATE = {"mcq": "mcq_refuse", "open": "open_refuse"}  # the REFUSE evaluation prompt (DESIGN.md section 8)
+REFUSE_TEMPLATE = {"mcq": "mcq_refuse", "open": "open_refuse"}  # the REFUSE evaluation prompt (docs/method.md section 8)
 TIE_RULES = ("drop", "keep")
 DEFAULT_N = {"mcq": (4000, 1000), "open": (8000, 2000)}  # CRaFT: MMLU 4,000 / 1,000; TriviaQA 8,000 / 2,000
 

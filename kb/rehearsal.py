@@ -1,4 +1,4 @@
-"""Rehearsal fine-tuning and knowledge flow (CRaFT stage 1, DESIGN.md section 6).
+"""Rehearsal fine-tuning and knowledge flow (CRaFT stage 1, docs/method.md section 6).
 
 A brief SFT of M0 on questions it already knows with high certainty barely changes what it knows; how
 each question's correctness moves anyway (delta mu) predicts how RAIT will move it. Questions the

@@ -194,7 +194,7 @@ class ProbeSet:
     def chance(self) -> float | None:
         if not self.mcq:
             return None
-        return float(np.mean([1 / len(r["choices"]) if r.get("choices") else 0.25 for r in self.records]))
+        return metrics.chance_accuracy([len(r["choices"]) if r.get("choices") else 4 for r in self.records])
 
 
 def load_probes(model_dir: Path) -> list[ProbeSet]:
@@ -679,9 +679,9 @@ def _section_summary(rep: Report, data: list[ModelData]) -> None:
     for md in data:
         for ps in md.probes:
             ch = ps.chance()
-            if ch is not None and ps.accuracy < ch + 0.05:
-                rep.p(f"Note: {md.name} on {pretty(ps.name)} is at most 5 points above chance ({100 * ch:.0f}%): its "
-                      "multiple-choice knowledge boundary is mostly noise (DESIGN §3); ParaRel's is more meaningful.")
+            note = None if ch is None else metrics.near_chance_note(ps.accuracy, ch)
+            if note:
+                rep.p(f"Note: {md.name} on {pretty(ps.name)}: {note} (docs/method.md §3.7).")
 
 
 def _brief(row: dict[str, Any] | None) -> str:
@@ -720,7 +720,7 @@ def _section_state(rep: Report, data: list[ModelData]) -> None:
     for md in data:
         for problem in md.problems:
             rep.miss(f"{md.name}: unreadable stage file: {problem}")
-    rep.p("Each point is a source-set question placed by M0's correctness Cor and certainty Cer (DESIGN §4). Colours: "
+    rep.p("Each point is a source-set question placed by M0's correctness Cor and certainty Cer (docs/method.md §4). Colours: "
           "what the CRaFT RAIT set did with it: kept with its answer (vanilla), relabelled \"I don't know\", or dropped.")
     panels = []
     for md in data:
@@ -813,7 +813,7 @@ def _section_methods(rep: Report, data: list[ModelData]) -> None:
           "(they sum to 100). THS = (Pc·Pw1 − Pw·Pc1)/Pw1 against the initial model (Pc1, Pw1) on the same test set "
           "(0 for the initial model, 100 for perfect). AP (%): average precision of correctness ranked by "
           "0.5·answer_conf + 0.5·sure_prob (answer_conf alone when there is no sure_prob). CRSS: the share of the "
-          "method's \"I don't know\" training questions with a near-identical vanilla one (DESIGN §5).")
+          "method's \"I don't know\" training questions with a near-identical vanilla one (docs/method.md §5).")
     rows = [r for md in data for r in method_rows(md)]
     for md in data:
         if not md.evals:

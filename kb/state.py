@@ -1,4 +1,4 @@
-"""Knowledge-state query (CRaFT stage 1, DESIGN.md section 4): Cor, Cer and a representation per question.
+"""Knowledge-state query (CRaFT stage 1, docs/method.md section 4): Cor, Cer and a representation per question.
 
 Multiple choice is exact from one forward pass: the letter distribution after the prompt gives
 Cor = p(gold), Cer = sum p log p (or the card's agreement sum p^2; both are stored). Open answers
@@ -28,9 +28,10 @@ from kb.distributed import Dist, ShardedLog, shard
 from kb.engine import PrefixScorer, batch_seed, generate, letter_candidates, letter_probs, plan_batches
 from kb.errors import KbError
 from kb.io import write_json
+from kb.metrics import chance_accuracy, near_chance_note
 from kb.models import LoadedModel
 from kb.probe import encode, token_budget
-from kb.prompts import PromptFormat, render, render_text, resolve_chat, templates
+from kb.prompts import PromptFormat, letter_rule, render, render_text, resolve_chat, templates
 from kb.provenance import check_resumable, make_meta
 from kb.statefile import (
     DEFAULT_SHOTS,
@@ -270,7 +271,7 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
     npy, side = reps_paths(rec_path)
     hidden = int(lm.model.get_input_embeddings().embedding_dim)
     run_key = {"stage": "state", "settings": asdict(settings), "prompt": {**fmt.describe(), "shot_layout": shot_layout(fmt)},
-               "embedder_fingerprint": embedder_fp}
+               "embedder_fingerprint": embedder_fp, **({"letter_rule": letter_rule(fmt)} if kind == "mcq" else {})}
     cer_def = ("sum_o p(o) log p(o) (negative entropy of the renormalised letter probabilities)"
                if settings.mcq_cer == "entropy" else "sum_o p(o)^2 (pairwise agreement, closed form)") if kind == "mcq" \
         else "1/(N(N-1)) sum_{j!=k} cos(E(a_j), E(a_k)) over N sampled answers"
@@ -309,7 +310,7 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
     batches = plan_batches(seqs, groups, settings.batch_size, budget, share_prefix=kind == "mcq",
                            copies=max(settings.n_samples, 1), extra_tokens=settings.max_new_tokens)
     scorer = PrefixScorer(lm.model, tok.pad_token_id)
-    cands = letter_candidates(tok) if kind == "mcq" else []
+    cands = letter_candidates(tok, max(len(s.choices) for s in samples), letter_rule(fmt)) if kind == "mcq" else []
     with ShardedLog(rec_path, dist, restart=fresh) as log:
         todo = shard([b for b in batches if any(samples[i].id not in log for i in b.indices)], dist, seqs)
         bar = tqdm(total=len(samples), initial=len(samples) - sum(len(b.indices) for b in todo),
@@ -441,11 +442,11 @@ def summarise(state: StateFile, lm: LoadedModel, fmt: PromptFormat, wall_s: floa
         out["mean_cer_agree"] = round(float(np.mean([r["cer_agree"] for r in recs])), 6)
         out["n_rehearsable"] = int((cor > 0.99).sum())
         out["pred_share"] = {k: round(float(np.mean([r["pred"] == k for r in recs])), 4) for k in "ABCD"}
-        chance = float(np.mean([1 / len(r["choices"]) for r in recs]))
+        chance = chance_accuracy([len(r["choices"]) for r in recs])
         out["chance"] = round(chance, 4)
-        if acc < chance + 0.05:
-            out["note"] = (f"accuracy is at most 5 points above chance ({chance:.0%}): this model's MCQ state is mostly "
-                           "letter bias, so its Cor/Cer split says little about knowledge")
+        note = near_chance_note(acc, chance)
+        if note:
+            out["note"] = f"{note} (so this state's Cor/Cer split says little about knowledge)"
         out["line"] = (f"{label}: accuracy {acc:.1%}, mean Cor {cor.mean():.3f}, mean Cer {cer.mean():.3f} on {n} "
                        f"questions; {out['n_rehearsable']} with p(gold) > 0.99")
     else:

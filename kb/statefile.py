@@ -29,7 +29,7 @@ from kb.errors import KbError, data_error
 from kb.io import iter_jsonl, read_json
 
 # ----------------------------------------------------------------------------------------------------
-# The formulas (DESIGN.md section 4)
+# The formulas (docs/method.md section 4)
 
 
 def neg_entropy(p: Sequence[float]) -> float:
@@ -88,7 +88,7 @@ class StateRecord(TypedDict):
 
 
 class FlowRecord(TypedDict):
-    """Knowledge flow of one question: M0 -> rehearsed model M~ (DESIGN.md section 6)."""
+    """Knowledge flow of one question: M0 -> rehearsed model M~ (docs/method.md section 6)."""
 
     id: str
     cor0: float

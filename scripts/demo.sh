@@ -97,10 +97,11 @@ if [[ $TRACK == open ]]; then
   # (the paper's Cor >= 0.995 and Cer >= 0.995): relaxed, recorded in the outputs as `relaxed`.
   run $PY rehearsal_finetune.py --model "$MODEL" --dataset pararel --split ID_train --n-rehearsal "${N_REHEARSAL:-32}" \
     --train-config configs/rehearsal_demo_cpu.yaml --min-cor "${MIN_COR:-0.7}" --min-cer "${MIN_CER:-0.8}"
+  # N_van : N_idk = 3 : 1, near the paper's 4 : 1; the vanilla pool (Cor >= 0.5) holds only what the model knows.
   # Most questions a small model never answers right have Cor = 0, which cannot fall: the `keep` tie rule
   # (delta-mu <= 0) keeps them as "I don't know" candidates; `drop` (the strict rule) would discard them.
-  run $PY build_rait.py --model "$MODEL" --dataset pararel --split ID_train --n-van "${N_VAN:-50}" \
-    --n-idk "${N_IDK:-50}" --tie-rule keep
+  run $PY build_rait.py --model "$MODEL" --dataset pararel --split ID_train --n-van "${N_VAN:-60}" \
+    --n-idk "${N_IDK:-20}" --tie-rule keep
 else
   run $PY query_state.py --model "$MODEL" --dataset mmlu --split ID_train --limit "$N_SOURCE"
   # A 135M model is never 99% sure of an MMLU answer: the rehearsal threshold is relaxed (recorded as `relaxed`).

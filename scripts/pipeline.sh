@@ -69,7 +69,7 @@ kb_pipeline() {
     fi
   }
 
-  # Test sets (DESIGN.md section 8): R-Tuning's MMLU and ParaRel ID/OOD splits; CRaFT's MCQ track adds
+  # Test sets (docs/method.md section 8): R-Tuning's MMLU and ParaRel ID/OOD splits; CRaFT's MCQ track adds
   # MMLU val (ID) and ARC-Challenge (OOD); its open track reuses ParaRel's.
   local -a rt_mcq=(--test mmlu:ID_test --test mmlu:OOD_test) open_tests=(--test pararel:ID_test --test pararel:OOD_test)
   local -a craft_mcq=(--test mmlu:val --test arc_challenge:test) init_tests=()

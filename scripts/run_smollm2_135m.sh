@@ -2,7 +2,7 @@
 # The whole R-Tuning + CRaFT study on SmolLM2-135M-Instruct (offline, packaged weights; runs on CPU).
 #   bash scripts/run_smollm2_135m.sh --limit 50    # a smoke run of every stage
 #   bash scripts/run_smollm2_135m.sh --dry-run     # print the commands only
-# Its MMLU accuracy is near chance (DESIGN.md section 3): read the ParaRel track for a real boundary.
+# Its MMLU accuracy is near chance (docs/method.md section 3.7): read the ParaRel track for a real boundary.
 set -euo pipefail
 MODEL=smollm2-135m
 MODEL_FLAGS=()

@@ -9,6 +9,15 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+REAL_MODEL_FIXTURES = {"smollm2"}  # a test that loads a real model is `slow` (pyproject.toml's marker)
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [i.nodeid for i in items if REAL_MODEL_FIXTURES & set(getattr(i, "fixturenames", ()))
+                and i.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError("tests that load a real model must be marked slow: " + ", ".join(unmarked))
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):

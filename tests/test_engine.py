@@ -150,6 +150,7 @@ def test_generation_shares_the_prefill_across_samples(tok):
     assert all(len(s) == 1 for s in scores)
 
 
+@pytest.mark.slow  # two torchrun processes
 def test_two_ranks_merge_into_the_single_process_file(tmp_path, tiny_model_dir):
     """torchrun with 2 CPU processes (gloo): merged records and training data equal a single run's, byte for byte."""
     from run_MMLU import main

@@ -72,3 +72,18 @@ def test_rates_sum_to_100():
 def test_rates_reject_unknown_labels():
     with pytest.raises(ValueError):
         metrics.rates(["correct", "maybe"])
+
+
+def test_near_chance_note_is_one_rule_used_by_probe_and_state_summaries():
+    from types import SimpleNamespace
+
+    from kb import probe
+    from kb.prompts import PromptFormat
+
+    assert metrics.chance_accuracy([4, 4, 5, 5]) == pytest.approx(0.225)
+    assert metrics.near_chance_note(0.2999, 0.25) is not None and metrics.near_chance_note(0.30, 0.25) is None
+    recs = [{"pred": "A", "correct": i < 7, "choices": ["w", "x", "y", "z"]} for i in range(25)]  # 28%: near chance
+    s = probe.summarise(recs, "mcq", "MMLU_x", SimpleNamespace(label="m"), PromptFormat("mcq_harness"), [])
+    assert s["note"].startswith(metrics.near_chance_note(0.28, 0.25)) and "100% of answers are 'A'" in s["note"]
+    recs = [{**r, "correct": i < 10} for i, r in enumerate(recs)]  # 40%: no note
+    assert "note" not in probe.summarise(recs, "mcq", "MMLU_x", SimpleNamespace(label="m"), PromptFormat("mcq_harness"), [])

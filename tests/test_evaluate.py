@@ -29,11 +29,20 @@ def _eval(*argv: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def initial_results(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def initial_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The initial model's evaluation, run once per module; tests get their own copy (initial_results)."""
     res = tmp_path_factory.mktemp("res")
     _eval("--model", str(tiny_model_dir), "--test", "mmlu:ID_test", "--test", "pararel:OOD_test", "--limit", "6",
           "--results-dir", str(res), "--max-new-tokens", "4")
     return res
+
+
+@pytest.fixture
+def initial_results(initial_run: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the initial run's results: a test that rewrites or adds files changes no other test's input."""
+    import shutil
+
+    return Path(shutil.copytree(initial_run, tmp_path / "initial_results"))
 
 
 def _summary(res: Path, label: str, method: str, name: str) -> dict:
@@ -213,10 +222,7 @@ def test_bad_arguments_are_one_line(argv: list[str], needle: str, tiny_model_dir
 
 
 def test_reclassify_rejudges_stored_replies(initial_results: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
-    import shutil
-
-    res = tmp_path / "res"
-    shutil.copytree(initial_results, res)
+    res = initial_results
     label = tiny_model_dir.name
     path = res / label / "eval" / "initial" / "MMLU_ID_test_mcq_refuse.jsonl"
     records = [json.loads(x) for x in path.read_text().splitlines()]

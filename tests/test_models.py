@@ -29,16 +29,34 @@ def test_hub_ids_resolve_and_remote_code_flagged():
     assert {"Qwen/Qwen-7B", "THUDM/chatglm2-6b"} == REMOTE_CODE_MODELS
 
 
-def test_open_llama_3b_architecture_builds():
-    """open_llama_3b is a native Llama: its real config builds (on the meta device, no memory)."""
+def test_open_llama_3b_shaped_checkpoint_loads_and_scores_exactly(tmp_path):
+    """open_llama_3b is a native Llama with an untied LM head: a scaled-down random checkpoint of its config
+    (untied head, its norm epsilon, no chat template) loads through kb.models, takes the engine's cascade
+    path, and scores the letters exactly as one plain forward pass does."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=3200, intermediate_size=8640, num_hidden_layers=26,
-                      num_attention_heads=32, max_position_embeddings=2048, tie_word_embeddings=False)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    n = sum(p.numel() for p in model.parameters())
-    assert 3.3e9 < n < 3.6e9
+    from kb.engine import PrefixScorer, cascade_supported, letter_candidates
+    from kb.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer(chat_template=False)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                      tie_word_embeddings=False, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "open_llama_3b-tiny")
+    tok.save_pretrained(tmp_path / "open_llama_3b-tiny")
+    lm = load_model(str(tmp_path / "open_llama_3b-tiny"), device="cpu", dtype="float32")
+    head, emb = lm.model.get_output_embeddings().weight, lm.model.get_input_embeddings().weight
+    assert lm.label == "open_llama_3b-tiny" and not lm.model.config.tie_word_embeddings
+    assert head.data_ptr() != emb.data_ptr() and cascade_supported(lm.model)
+    prefix = tok.encode("The following are multiple choice questions (with answers) about science.\n\n")
+    seqs = [prefix + tok.encode(q + "\nA. B. C. D.\nAnswer:") for q in ("What is it?", "Is Paris the capital?")]
+    cands = [t for c in letter_candidates(tok, 4, "harness") for t in c]
+    logp, _ = PrefixScorer(lm.model, tok.pad_token_id).score(seqs, len(prefix), cands)
+    for row, ids in zip(logp, seqs):
+        with torch.no_grad():
+            ref = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0, -1].float(), -1)[cands]
+        assert torch.allclose(row, ref, atol=1e-4)
 
 
 def test_local_dir_loads_and_fingerprints(tiny_model_dir):

@@ -66,8 +66,47 @@ def test_mcq_scoring_matches_one_at_a_time_reference(tmp_path, tiny_model_dir, t
     assert n_sure == sum(r["correct"] for r in recs)
     t2t = json.loads((tmp_path / "td" / "tiny-llama" / f"rtuning_unsure_{name}_text2text.json").read_text())
     assert t2t["type"] == "text2text" and t2t["kb_meta"]["run_key"]["prompt"]["shots"] == shots
+    assert t2t["kb_meta"]["run_key"]["letter_rule"] == "summed_variants"  # chat template: 'A' and ' A' summed
     summary = json.loads((tmp_path / "res" / "tiny-llama" / f"probe_{name}.json").read_text())
     assert summary["n"] == 40 and summary["accuracy"] == pytest.approx(sum(r["correct"] for r in recs) / 40)
+
+
+def harness_letter_probs(lm, prompt: str) -> list[float]:
+    """lm-evaluation-harness's rule: log-likelihood of each continuation " A".." D" after the prompt
+    (context and context + continuation tokenised apart, the continuation = the extra tokens), renormalised."""
+    tok = lm.tokenizer
+    ctx = tok(prompt)["input_ids"]
+    lls = []
+    for letter in "ABCD":
+        whole = tok(prompt + " " + letter)["input_ids"]
+        assert whole[:len(ctx)] == ctx
+        with torch.no_grad():
+            logp = torch.log_softmax(lm.model(torch.tensor([whole])).logits[0].double(), -1)
+        lls.append(sum(float(logp[i - 1, whole[i]]) for i in range(len(ctx), len(whole))))
+    p = torch.softmax(torch.tensor(lls), 0)
+    return p.tolist()
+
+
+def test_raw_harness_prompt_is_scored_by_the_harness_rule(tmp_path, tiny_model_dir, tiny_lm):
+    """0-shot mcq_harness without a chat template: the letter probabilities are the harness's, not summed variants."""
+    from run_MMLU import main
+
+    main(probe_args(tmp_path, tiny_model_dir, "--limit", 20, "--shots", 0, "--batch-size", 6, "--method", "unsure",
+                    "--chat-template", "off"))
+    name = "MMLU_ID_train_0shot"
+    recs = {json.loads(x)["id"]: json.loads(x) for x in
+            (tmp_path / "td" / "tiny-llama" / f"probe_{name}.jsonl").read_text().splitlines()}
+    meta = json.loads((tmp_path / "td" / "tiny-llama" / f"probe_{name}.meta.json").read_text())
+    assert meta["run_key"]["letter_rule"] == "harness"
+    fmt = PromptFormat("mcq_harness", 0, chat=False)
+    n_differ = 0
+    for s in subset(load_split("mmlu", "ID_train"), 20, 0):
+        prompt = render(s, fmt, [], tiny_lm.tokenizer)
+        ref = harness_letter_probs(tiny_lm, prompt)
+        assert recs[s.id]["letter_probs"] == pytest.approx(ref, abs=1e-5)
+        assert recs[s.id]["pred"] == "ABCD"[max(range(4), key=lambda k: ref[k])]
+        n_differ += max(abs(a - b) for a, b in zip(ref, reference_letter_probs(tiny_lm, prompt, False))) > 1e-3
+    assert n_differ > 0  # the summed rule would give other numbers: the test can tell the two apart
 
 
 def test_resume_after_interruption_gives_identical_records(tmp_path, tiny_model_dir):

@@ -123,6 +123,7 @@ def test_mcq_state_matches_direct_forward_pass(tmp_path, tiny_model_dir, tiny_lm
     main(query_args(tmp_path, tiny_model_dir, "--limit", 10, "--shots", 0, "--batch-size", 4))
     state = load_state(tmp_path / "td" / "tiny-llama" / "state_MMLU_ID_train_0shot.jsonl")
     assert state.meta["run_key"]["settings"]["chat"] is False  # MCQ default: no chat template (CRaFT)
+    assert state.meta["run_key"]["letter_rule"] == "harness"
     assert "negative entropy" in state.meta["cer_definition"]
     index, reps = load_reps(state)
     assert reps.shape == (10, 64)
@@ -134,8 +135,8 @@ def test_mcq_state_matches_direct_forward_pass(tmp_path, tiny_model_dir, tiny_lm
         with torch.no_grad():
             out = tiny_lm.model(torch.tensor([ids]), output_hidden_states=True)
         p = torch.softmax(out.logits[0, -1].double(), -1)
-        letters = [sum(float(p[t[0]]) for t in {tuple(tok.encode(x, add_special_tokens=False)) for x in (c, " " + c)}
-                       if len(t) == 1) for c in "ABCD"]
+        # Raw "Answer:" prompt: the harness rule, the continuation " A" alone (docs/method.md section 3.1).
+        letters = [float(p[tok.encode(" " + c, add_special_tokens=False)[0]]) for c in "ABCD"]
         letters = [x / sum(letters) for x in letters]
         rec = state.by_id[s.id]
         assert rec["cor"] == pytest.approx(letters["ABCD".index(s.answer)], abs=1e-5)
@@ -172,6 +173,7 @@ def test_open_state_resumes_to_identical_records(tmp_path, tiny_model_dir):
     assert full.meta["run_key"]["settings"]["chat"] is True  # open default: the chat template when there is one
 
 
+@pytest.mark.slow  # two torchrun processes
 @pytest.mark.parametrize("dataset", ["mmlu", "pararel"])
 def test_two_ranks_write_the_single_process_state_files(tmp_path, tiny_model_dir, dataset):
     """torchrun with 2 CPU processes (gloo): records, representations and their index equal a single run's."""

@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_with_config(build_parser(), argv)
     check_query_args(args)
     dist = setup_dist()  # torchrun / accelerate launch: one rank per GPU, see kb/distributed.py
-    lm = load_model(args.model, dist.device(args.device), args.dtype, args.adapter, args.trust_remote_code)
+    lm = load_model(args.model, dist.device(args.device), args.dtype, args.adapter, args.trust_remote_code,
+                    revision=args.revision)
     settings = settings_from_args(args, lm.tokenizer)
     run_state_query(settings, lm, repo_path(args.output_dir) / lm.label, repo_path(args.results_dir) / lm.label,
                     f"state_{settings.name()}", restart=args.restart, max_batch_tokens=args.max_batch_tokens,

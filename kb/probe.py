@@ -83,7 +83,8 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
     PromptFormat(template, args.shots).check()  # validate everything cheap before loading a model
     shots = {g: shots_for(dataset, args.shots, g) for g in dict.fromkeys(s.group for s in samples)}
     dist = setup_dist()  # torchrun / accelerate launch: one rank per GPU, see kb/distributed.py
-    lm = load_model(args.model, dist.device(args.device), args.dtype, args.adapter, args.trust_remote_code)
+    lm = load_model(args.model, dist.device(args.device), args.dtype, args.adapter, args.trust_remote_code,
+                    revision=args.revision)
     tok = lm.tokenizer
     chat = resolve_chat(args.chat_template, tok)
     fmt = PromptFormat(template, args.shots, chat)

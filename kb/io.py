@@ -93,11 +93,14 @@ def decode_text(path: str | os.PathLike[str], raw: bytes, row: int | None = None
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         hint = "; it looks like UTF-16: save it as UTF-8" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
         raise data_error(path, f"not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}){hint}",
                          row=row) from None
+    if "\x00" in text:
+        raise data_error(path, f"NUL byte at offset {raw.index(0)} (a binary or UTF-16 file?)", row=row)
+    return text
 
 
 def read_text(path: str | os.PathLike[str]) -> str:
@@ -177,6 +180,8 @@ class RecordLog:
             for lineno, rec in iter_jsonl(self.path, tolerate_torn_tail=True):
                 if key not in rec:
                     raise data_error(self.path, f"record has no '{key}'", row=lineno)
+                if not isinstance(rec[key], str):
+                    raise data_error(self.path, f"must be a string, got {type(rec[key]).__name__}", row=lineno, field=key)
                 if rec[key] in self.records:
                     raise data_error(self.path, f"duplicate id {rec[key]!r}", row=lineno)
                 self.records[rec[key]] = rec

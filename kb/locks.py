@@ -24,7 +24,7 @@ from pathlib import Path
 
 from kb.errors import KbError
 
-_HELD: dict[str, int] = {}  # lock file -> open fd, for this process
+_HELD: dict[str, tuple[int, Path | None]] = {}  # lock file -> (open fd, the first folder made for it)
 
 
 def lock_path(path: Path) -> Path:
@@ -55,6 +55,7 @@ def lock_output(path: Path) -> Path:
     lock = lock_path(Path(path)).absolute()
     if str(lock) in _HELD:
         return lock
+    made = next((p for p in reversed([lock.parent, *lock.parent.parents]) if not p.exists()), None)
     lock.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(100):
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)  # mode through the umask, like any output
@@ -79,20 +80,28 @@ def lock_output(path: Path) -> Path:
                 "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        _HELD[str(lock)] = fd
+        _HELD[str(lock)] = (fd, made)
         return lock
     raise KbError(f"{lock}: could not take the lock (the file keeps being replaced)")
 
 
 def release_all() -> None:
-    """Drop every lock this process holds (end of a stage's main(); also at exit)."""
-    for name, fd in list(_HELD.items()):
+    """Drop every lock this process holds (end of a stage's main(); also at exit). Folders made only for
+    a lock are removed again when they stayed empty, so a run refused on bad input leaves nothing behind."""
+    for name, (fd, made) in list(_HELD.items()):
         try:
             os.unlink(name)  # while still holding it, so nobody can lock the old file after us
         except OSError:
             pass
         os.close(fd)
         del _HELD[name]
+        folder = Path(name).parent
+        while made is not None and (folder == made or made in folder.parents):
+            try:
+                folder.rmdir()  # only when empty
+            except OSError:
+                break
+            folder = folder.parent
 
 
 atexit.register(release_all)

@@ -239,6 +239,11 @@ def check_model_dir(source: Path | str) -> None:
         raise KbError(f"model dir {source} has no weight files (*.safetensors, *.bin); the copy is incomplete")
 
 
+def model_label(name: str, adapter: str | None = None) -> str:
+    """The label load_model gives (the folder outputs go to), without loading anything."""
+    return slug(str(repo_path(adapter))) if adapter else resolve_model(name)[1]
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     device: str | None = None,

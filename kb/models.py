@@ -117,8 +117,10 @@ def _file_digest(path: Path) -> str:
     table: dict[str, str] = {}
     if memo.exists():
         try:
-            table = json.loads(memo.read_text())
-        except json.JSONDecodeError:
+            table = json.loads(memo.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # a damaged cache is rebuilt, never trusted
+            table = {}
+        if not isinstance(table, dict):
             table = {}
     if key not in table:
         h = hashlib.sha256()

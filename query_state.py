@@ -24,10 +24,12 @@ import argparse
 from kb.config import add_common_args, parse_with_config
 from kb.distributed import setup as setup_dist
 from kb.errors import cli_main
-from kb.models import load_model
+from kb.locks import lock_output, rank_path
+from kb.models import load_model, model_label
 from kb.paths import repo_path
 from kb.provenance import recorded_args
 from kb.state import check_query_args, run_state_query, settings_from_args
+from kb.statefile import source_name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parse_with_config(build_parser(), argv)
     check_query_args(args)
+    # One writer per state file: a second run stops here, before it loads the model.
+    lock_output(rank_path(repo_path(args.output_dir) / model_label(args.model, args.adapter)
+                          / f"state_{source_name(args.dataset, args.split, args.shots)}.jsonl"))
     dist = setup_dist()  # torchrun / accelerate launch: one rank per GPU, see kb/distributed.py
     lm = load_model(args.model, dist.device(args.device), args.dtype, args.adapter, args.trust_remote_code,
                     revision=args.revision)

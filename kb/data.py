@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from kb.errors import KbError, data_error
-from kb.io import parse_json, read_json, read_text
+from kb.io import decode_text, parse_json, read_bytes, read_json, read_text
 from kb.paths import repo_path
 
 LETTERS = "ABCDEFGH"
@@ -120,10 +120,11 @@ def mmlu_subjects(root: Path) -> list[str]:
 
 def read_mmlu_csv(path: Path, subject: str, id_prefix: str, first_index: int = 0) -> list[Sample]:
     """Rows: question, A, B, C, D, answer letter; no header. Read as text so 'None' stays 'None'.
-    UTF-8 only (a BOM is dropped, CRLF is fine); a field over csv's 128 KiB limit is malformed."""
+    UTF-8 only (a BOM is dropped); line ends as csv reads them (a CR inside a quoted field is kept, as MMLU's
+    files have them); a field over csv's 128 KiB limit is malformed."""
     out = []
     try:
-        rows = list(csv.reader(io.StringIO(read_text(path))))
+        rows = list(csv.reader(io.StringIO(decode_text(path, read_bytes(path)), newline="")))
     except csv.Error as err:
         raise data_error(path, f"malformed CSV ({err})") from None
     for i, row in enumerate(rows):
@@ -205,7 +206,7 @@ def _dpr_tsv(spec: DatasetSpec, split: str, args: dict[str, Any], data_root: Pat
     out = []
     # DPR's files are tab-separated with CSV quoting of the answer list.
     try:
-        rows = list(csv.reader(io.StringIO(read_text(path)), delimiter="\t"))
+        rows = list(csv.reader(io.StringIO(decode_text(path, read_bytes(path)), newline=""), delimiter="\t"))
     except csv.Error as err:
         raise data_error(path, f"malformed TSV ({err})") from None
     for i, parts in enumerate(rows, start=1):

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(flags))
         return
     out = finetune(args.train_file, args.config, args.model, out, seed=args.seed, overrides=overrides,
-                   resume=not args.restart)
+                   resume=not args.restart, trust_remote_code=args.trust_remote_code, revision=args.revision)
     label = resolve_model(args.model)[1]
     res = repo_path(args.results_dir or "results") / label / "finetune" / out.name
     res.mkdir(parents=True, exist_ok=True)

@@ -24,15 +24,23 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def load_yaml(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """A YAML mapping; with `base: other.yaml` its keys go on top of that file's (resolved the same way)."""
+    from kb.io import read_text
+
     p = repo_path(path)
     if not p.is_file():
         raise KbError(f"{p}: config file not found")
+    text = read_text(p)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise KbError(f"{p}: malformed YAML ({str(err).splitlines()[0]})") from None
+        raise KbError(f"{p}: malformed YAML ({(str(err).splitlines() or [''])[0]})") from None
+    except (RecursionError, ValueError, TypeError, OverflowError) as err:  # e.g. nesting, a bad timestamp
+        raise KbError(f"{p}: malformed YAML ({type(err).__name__})") from None
     if not isinstance(data, dict):
         raise KbError(f"{p}: a config must be a mapping of option: value")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise KbError(f"{p}: option names must be strings, got {bad[0]!r}")
     if BASE_KEY in data:
         base = data.pop(BASE_KEY)
         if not isinstance(base, str) or not base:
@@ -41,6 +49,32 @@ def load_yaml(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
             raise KbError(f"{p}: '{BASE_KEY}' files include each other: {' -> '.join(_seen)}")
         data = _merge(load_yaml(str(p.parent / base), (*_seen, str(p.resolve()))), data)
     return data
+
+
+def _check_type(action: argparse.Action, value: Any, where: str) -> Any:
+    """A YAML value for one flag, type-checked as the flag would be (argparse converts only strings)."""
+    name = f"{where}: field '{action.dest}'"
+    if value is None:
+        return value
+    if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+        if not isinstance(value, bool):
+            raise KbError(f"{name}: expected true or false, got {value!r}")
+        return value
+    if isinstance(action, argparse._AppendAction):
+        items = value if isinstance(value, list) else [value]
+        return [_check_type(argparse.Action([], action.dest, type=action.type), v, where) for v in items]
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise KbError(f"{name}: expected a single value, got {value!r}")
+    if action.type in (int, float) and not isinstance(value, str):
+        if action.type is int and not isinstance(value, int):
+            raise KbError(f"{name}: expected an integer, got {value!r}")
+        return action.type(value)
+    if action.type is not None:
+        try:
+            return action.type(str(value))
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            raise KbError(f"{name}: invalid value {value!r}") from None
+    return str(value)
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -57,6 +91,8 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
             raise KbError(f"{repo_path(first.config)}: unknown key(s) {', '.join(unknown)}; "
                           f"valid: {', '.join(sorted(d for d in dests if d not in {'help', 'config'}))}")
         for action in parser._actions:
+            if action.dest in norm:
+                norm[action.dest] = _check_type(action, norm[action.dest], str(repo_path(first.config)))
             if action.dest in norm and action.choices is not None and norm[action.dest] not in action.choices:
                 raise KbError(f"{repo_path(first.config)}: field '{action.dest}': {norm[action.dest]!r} "
                               f"not one of {list(action.choices)}")
@@ -78,7 +114,10 @@ def add_common_args(parser: argparse.ArgumentParser, *, model: bool = True, quer
         parser.add_argument("--model", default="smollm2-135m",
                             help="offline alias (smollm2-135m, gemma3-270m), hub id, local dir or .gguf file")
         parser.add_argument("--adapter", default=None, help="PEFT adapter dir to load on top of --model")
-        parser.add_argument("--trust-remote-code", action="store_true", help="needed for Qwen-7B / chatglm2-6b")
+        parser.add_argument("--trust-remote-code", action="store_true",
+                            help="run the model repository's own code (Qwen-7B, chatglm2-6b); needs --revision for a hub id")
+        parser.add_argument("--revision", default=None,
+                            help="hub commit (40 hex digits) to load: pins the weights and any remote code")
         parser.add_argument("--device", default=None, help="cuda, cpu, mps (default: GPU when available)")
         parser.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: bf16 on GPU, fp32 on CPU)")
         parser.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import csv
 import functools
-import json
+import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from kb.errors import KbError, data_error
+from kb.io import decode_text, parse_json, read_bytes, read_json, read_text
 from kb.paths import repo_path
 
 LETTERS = "ABCDEFGH"
@@ -118,13 +119,14 @@ def mmlu_subjects(root: Path) -> list[str]:
 
 
 def read_mmlu_csv(path: Path, subject: str, id_prefix: str, first_index: int = 0) -> list[Sample]:
-    """Rows: question, A, B, C, D, answer letter; no header. Read as text so 'None' stays 'None'."""
+    """Rows: question, A, B, C, D, answer letter; no header. Read as text so 'None' stays 'None'.
+    UTF-8 only (a BOM is dropped); line ends as csv reads them (a CR inside a quoted field is kept, as MMLU's
+    files have them); a field over csv's 128 KiB limit is malformed."""
     out = []
-    with open(path, encoding="utf-8", newline="") as fh:
-        try:
-            rows = list(csv.reader(fh))
-        except csv.Error as err:
-            raise data_error(path, f"malformed CSV ({err})") from None
+    try:
+        rows = list(csv.reader(io.StringIO(decode_text(path, read_bytes(path)), newline="")))
+    except csv.Error as err:
+        raise data_error(path, f"malformed CSV ({err})") from None
     for i, row in enumerate(rows):
         if len(row) != 6:
             raise data_error(path, f"expected 6 columns (question, A, B, C, D, answer), got {len(row)}", row=i + 1)
@@ -155,34 +157,36 @@ def _mmlu_csv(spec: DatasetSpec, split: str, args: dict[str, Any], data_root: Pa
     return out
 
 
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of the non-blank lines of a UTF-8 text file."""
+    return [(i, line) for i, line in enumerate(read_text(path).split("\n"), start=1) if line.strip()]
+
+
 def _arc_jsonl(spec: DatasetSpec, split: str, args: dict[str, Any], data_root: Path | None) -> list[Sample]:
     path = _resolve(args["file"], data_root)
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                stem, choices, key = rec["question"]["stem"], rec["question"]["choices"], rec["answerKey"]
-                labels = [c["label"] for c in choices]
-                texts = tuple(c["text"] for c in choices)
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise data_error(path, f"malformed ARC record ({err!r})", row=i) from None
-            if key not in labels:
-                raise data_error(path, f"answerKey {key!r} not among labels {labels}", row=i, field="answerKey")
-            if len(texts) > len(LETTERS):
-                raise data_error(path, f"{len(texts)} choices; at most {len(LETTERS)} supported", row=i)
-            # ARC labels are A-E or 1-5; map both to letters by position.
-            out.append(Sample(f"arc/{split}/{rec.get('id', i)}", stem, LETTERS[labels.index(key)], texts, (),
-                              spec.options.get("subject", "science")))
+    for i, line in _lines(path):
+        rec = parse_json(path, line, row=i)
+        try:
+            stem, choices, key = rec["question"]["stem"], rec["question"]["choices"], rec["answerKey"]
+            labels = [c["label"] for c in choices]
+            texts = tuple(c["text"] for c in choices)
+        except (KeyError, TypeError) as err:
+            raise data_error(path, f"malformed ARC record (missing or wrong-typed {err})", row=i) from None
+        if not all(isinstance(x, str) for x in (stem, key, *labels, *texts)) or not stem.strip():
+            raise data_error(path, "question stem, labels, texts and answerKey must be strings, the stem non-empty", row=i)
+        if key not in labels:
+            raise data_error(path, f"answerKey {key!r} not among labels {labels}", row=i, field="answerKey")
+        if len(texts) > len(LETTERS):
+            raise data_error(path, f"{len(texts)} choices; at most {len(LETTERS)} supported", row=i)
+        # ARC labels are A-E or 1-5; map both to letters by position.
+        out.append(Sample(f"arc/{split}/{rec.get('id', i)}", stem, LETTERS[labels.index(key)], texts, (),
+                          spec.options.get("subject", "science")))
     return out
 
 
 def _pararel_json(spec: DatasetSpec, split: str, args: dict[str, Any], data_root: Path | None) -> list[Sample]:
     path = _resolve(args["file"], data_root)
-    from kb.io import read_json
-
     rows = read_json(path)
     if not isinstance(rows, list):
         raise data_error(path, "expected a JSON list of [question, answer, relation] rows")
@@ -200,32 +204,36 @@ def _pararel_json(spec: DatasetSpec, split: str, args: dict[str, Any], data_root
 def _dpr_tsv(spec: DatasetSpec, split: str, args: dict[str, Any], data_root: Path | None) -> list[Sample]:
     path = _resolve(args["file"], data_root)
     out = []
-    with open(path, encoding="utf-8") as fh:
-        # DPR's files are tab-separated with CSV quoting of the answer list.
-        for i, parts in enumerate(csv.reader(fh, delimiter="\t"), start=1):
-            if not parts:
-                continue
-            try:
-                answers = ast.literal_eval(parts[1])
-                assert isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)
-            except (IndexError, ValueError, SyntaxError, AssertionError):
-                raise data_error(path, "expected 'question<TAB>[answers]'", row=i) from None
-            out.append(Sample(f"{spec.name}/{split}/{i - 1}", parts[0], answers[0], (), tuple(answers[1:]), ""))
+    # DPR's files are tab-separated with CSV quoting of the answer list.
+    try:
+        rows = list(csv.reader(io.StringIO(decode_text(path, read_bytes(path)), newline=""), delimiter="\t"))
+    except csv.Error as err:
+        raise data_error(path, f"malformed TSV ({err})") from None
+    for i, parts in enumerate(rows, start=1):
+        if not parts:
+            continue
+        try:
+            answers = ast.literal_eval(parts[1])
+            assert isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)
+            assert parts[0].strip()
+        except (IndexError, ValueError, TypeError, SyntaxError, AssertionError, RecursionError, MemoryError):
+            raise data_error(path, "expected 'question<TAB>[answers]'", row=i) from None
+        out.append(Sample(f"{spec.name}/{split}/{i - 1}", parts[0], answers[0], (), tuple(answers[1:]), ""))
     return out
 
 
 def _nq_jsonl(spec: DatasetSpec, split: str, args: dict[str, Any], data_root: Path | None) -> list[Sample]:
     path = _resolve(args["file"], data_root)
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, start=1):
-            try:
-                rec = json.loads(line)
-                q, answers = rec["question"], rec["answer"]
-                assert isinstance(answers, list) and answers
-            except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
-                raise data_error(path, "expected {question, answer: [..]}", row=i) from None
-            out.append(Sample(f"nq_open/{split}/{i - 1}", q, answers[0], (), tuple(answers[1:]), ""))
+    for i, line in _lines(path):
+        rec = parse_json(path, line, row=i)
+        try:
+            q, answers = rec["question"], rec["answer"]
+            assert isinstance(q, str) and q.strip() and isinstance(answers, list) and answers
+            assert all(isinstance(a, str) for a in answers)
+        except (KeyError, TypeError, AssertionError):
+            raise data_error(path, "expected {question: non-empty string, answer: [strings]}", row=i) from None
+        out.append(Sample(f"nq_open/{split}/{i - 1}", q, answers[0], (), tuple(answers[1:]), ""))
     return out
 
 
@@ -358,8 +366,10 @@ def json_rows_to_samples(path: Path, rows: Any, dataset: str, split: str) -> lis
         raise data_error(path, "expected an object mapping subject -> rows")
     out = []
     for subject, items in rows.items():
+        if not isinstance(items, list):
+            raise data_error(path, "expected a list of rows", row=subject)
         for i, r in enumerate(items):
-            if not (isinstance(r, list) and len(r) == 6 and r[5] in LETTERS[:4]):
+            if not (isinstance(r, list) and len(r) == 6 and isinstance(r[5], str) and r[5] in LETTERS[:4]):
                 raise data_error(path, "expected [question, A, B, C, D, letter]", row=f"{subject}[{i}]")
             out.append(Sample(f"{dataset}/{split}/{subject}/{i}", str(r[0]), r[5], tuple(map(str, r[1:5])), (), subject))
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from collections.abc import Callable
@@ -24,6 +25,10 @@ def data_error(path: object, message: str, row: object | None = None, field: str
     return KbError(f"{where}: {message}")
 
 
+# Failed writes a user fixes outside kb (full disk, quota, read-only or lost mount): one line, not a traceback.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
+
+
 def cli_main(func: F) -> F:
     """Run a script's main(); a KbError or Ctrl-C becomes one line on stderr and a non-zero exit."""
 
@@ -34,8 +39,18 @@ def cli_main(func: F) -> F:
         except KbError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        except OSError as err:
+            if err.errno not in WRITE_ERRNOS:
+                raise
+            print(f"error: {err.filename or 'output'}: {err.strerror}; finished records are kept: free space or fix "
+                  "the folder, then rerun the same command to continue", file=sys.stderr)
+            sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted: finished records are kept; rerun the same command to resume", file=sys.stderr)
             sys.exit(130)
+        finally:
+            from kb.locks import release_all
+
+            release_all()  # the stage's outputs are free for the next run
 
     return wrapper  # type: ignore[return-value]

@@ -598,5 +598,6 @@ def run_eval(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise KbError(f"--method {method!r}: use letters, digits, '.', '_' or '-' (it names a results folder)")
     if getattr(args, "reclassify", False):
         return [reclassify_set(args, label, method, ds, split, t) for ds, split, t in pairs]
-    lm = load_model(args.model, args.device, args.dtype, args.adapter, args.trust_remote_code)
+    lm = load_model(args.model, args.device, args.dtype, args.adapter, args.trust_remote_code,
+                    revision=args.revision)
     return [evaluate_set(lm, label, method, tuned, ds, split, t, args) for ds, split, t in pairs]

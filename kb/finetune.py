@@ -138,6 +138,9 @@ def validate_config(data: Mapping[str, Any], where: str = "config") -> dict[str,
             raise KbError(f"{where}: tuning is lora but the 'lora' section is null")
         _check_keys(cfg["lora"], LORA_FIELDS, f"{where}: lora")
         cfg["lora"] = {k: _coerce(f"lora.{k}", cfg["lora"][k], LORA_FIELDS[k][0], where) for k in LORA_FIELDS}
+        targets = cfg["lora"]["target_modules"]
+        if isinstance(targets, list) and not (targets and all(isinstance(m, str) for m in targets)):
+            raise KbError(f"{where}: field 'lora.target_modules': a non-empty list of module names, got {targets!r}")
     elif cfg["lora"] is not None:
         raise KbError(f"{where}: tuning is full but a 'lora' section is set; make it null")
     return cfg
@@ -269,6 +272,8 @@ def _prepare_output(out: Path, run_key: dict[str, Any], resume: bool) -> bool:
     if not meta_path.is_file():
         raise KbError(f"{out}: exists and is not a kb fine-tuning dir (no {META_FILE}); choose another --output-dir")
     old = read_json(meta_path)
+    if not isinstance(old, dict):
+        raise KbError(f"{meta_path}: must be a JSON object; rerun with --restart to start over")
     if not resume:
         shutil.rmtree(out)
         return False
@@ -405,13 +410,16 @@ def plot_loss(curve: dict[str, list[float]], path: Path, title: str) -> Path:
 
 
 def finetune(train_file: str | Path, config: str | Path | Mapping[str, Any], model: str, output_dir: str | Path, *,
-             seed: int | None = None, overrides: Mapping[str, Any] | None = None, resume: bool = True) -> Path:
+             seed: int | None = None, overrides: Mapping[str, Any] | None = None, resume: bool = True,
+             trust_remote_code: bool = False, revision: str | None = None) -> Path:
     """Fine-tune `model` on an LMFlow-format file; returns the dir `kb.models.load_model(str(dir))` loads.
 
     config: a YAML path or a dict with every key of FIELDS. overrides: {'key' or 'lora.key': value}.
     seed: replaces the config's seed. resume: continue from the last checkpoint of an unfinished run
     with identical settings (a finished one is returned as is); False deletes the old run first.
-    Nothing is created when the file, config or model is bad.
+    trust_remote_code / revision: as for kb.models.load_model (recorded in kb_base_model.json).
+    Nothing is created when the file, config or model is bad. The main process holds `<output_dir>.lock`
+    until the calling script ends, so a second run into the same dir stops at once.
     """
     import torch
     from accelerate import DistributedType, PartialState
@@ -430,7 +438,12 @@ def finetune(train_file: str | Path, config: str | Path | Mapping[str, Any], mod
     device = str(proc.device) if proc.num_processes > 1 and not on_cpu else None
     if proc.distributed_type == DistributedType.FSDP:
         device = "cpu"  # FSDP shards the weights onto the GPUs itself
-    lm = load_model(model, device=device, dtype="float32", for_training=True)
+    if proc.is_main_process:
+        from kb.locks import lock_output
+
+        lock_output(out)  # one writer per output dir; the other ranks of this launch write nothing there
+    lm = load_model(model, device=device, dtype="float32", for_training=True, trust_remote_code=trust_remote_code,
+                    revision=revision)
     if lm.adapter:
         raise KbError(f"{model}: is a LoRA adapter; fine-tune its base model, or merge the adapter into a full model first")
     lora = cfg["tuning"] == "lora"
@@ -448,10 +461,12 @@ def finetune(train_file: str | Path, config: str | Path | Mapping[str, Any], mod
         raise KbError(f"{repo_path(train_file)}: {lost} instance(s) have a prompt of max_length={cfg['max_length']} "
                       "tokens or more, so nothing of their output would be trained; raise max_length")
     base_info = {"base_model": base_model_ref(model), "base_label": lm.label, "base_source": lm.source,
-                 "tuning": cfg["tuning"], "config_name": cfg_name, "train_file": str(repo_path(train_file))}
+                 "tuning": cfg["tuning"], "config_name": cfg_name, "train_file": str(repo_path(train_file)),
+                 "base_revision": lm.revision, "trust_remote_code": lm.trust_remote_code}
     meta: dict[str, Any] = {"stage": "finetune", "status": "running", "run_key": run_key, "config_name": cfg_name,
                             "train_file": str(repo_path(train_file)), "base_model": base_info["base_model"],
-                            "base_label": lm.label, "device": lm.device,
+                            "base_label": lm.label, "base_revision": lm.revision,
+                            "trust_remote_code": lm.trust_remote_code, "device": lm.device,
                             "precision": resolved_precision(cfg, lm.device), "truncated_instances": long,
                             "trainer": "trl.SFTTrainer", "processes": proc.num_processes,
                             "packages": package_versions(), "git_commit": git_commit()}
@@ -463,11 +478,10 @@ def finetune(train_file: str | Path, config: str | Path | Mapping[str, Any], mod
 
     from datasets import Dataset
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     set_seed(cfg["seed"])  # before the trainer builds LoRA weights
     ckpt_dir = out / "checkpoints"
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    last = last_complete_checkpoint(ckpt_dir)
     trainer = completion_loss_trainer()(
         model=lm.model, args=_sft_config(cfg, kind, ckpt_dir, lm.device), train_dataset=Dataset.from_list(rows),
         processing_class=lm.tokenizer, peft_config=_lora_config(cfg, layers) if lora else None,
@@ -496,6 +510,26 @@ def finetune(train_file: str | Path, config: str | Path | Mapping[str, Any], mod
         write_json(out / META_FILE, meta)
     proc.wait_for_everyone()  # every rank returns once the output dir is complete
     return out
+
+
+def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest checkpoint that was written to the end. The Trainer writes trainer_state.json last and
+    deletes older checkpoints only after a new one is complete, so a run killed mid-save leaves a newest
+    dir without a readable state: it is removed and the one before it is resumed."""
+    import json
+
+    if not ckpt_dir.is_dir():
+        return None
+    found = sorted((int(p.name.rsplit("-", 1)[1]), p) for p in ckpt_dir.glob("checkpoint-*")
+                   if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit())
+    for _, path in reversed(found):
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+            return str(path)
+        except (OSError, ValueError):
+            print(f"note: {path.name} was cut off mid-save (no readable trainer_state.json); removing it")
+            shutil.rmtree(path, ignore_errors=True)
+    return None
 
 
 def write_text_yaml(path: Path, data: Mapping[str, Any], comment: str) -> Path:

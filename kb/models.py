@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,10 @@ OFFLINE_MODELS: dict[str, dict[str, str]] = {
     },
 }
 DEFAULT_MODEL = "smollm2-135m"
-# Models of the original study; the ones needing remote code are flagged so --trust-remote-code is implied.
+# Models of the original study whose hub repositories ship their own Python code. Naming one never turns
+# remote code on: the user must pass --trust-remote-code and pin the code with --revision <commit>.
 REMOTE_CODE_MODELS = {"THUDM/chatglm2-6b", "Qwen/Qwen-7B"}
+COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass
@@ -48,6 +51,8 @@ class LoadedModel:
     device: str
     dtype: str
     adapter: str | None = None
+    revision: str | None = None  # the hub commit loaded (--revision), None for local files
+    trust_remote_code: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -112,8 +117,10 @@ def _file_digest(path: Path) -> str:
     table: dict[str, str] = {}
     if memo.exists():
         try:
-            table = json.loads(memo.read_text())
-        except json.JSONDecodeError:
+            table = json.loads(memo.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # a damaged cache is rebuilt, never trusted
+            table = {}
+        if not isinstance(table, dict):
             table = {}
     if key not in table:
         h = hashlib.sha256()
@@ -202,6 +209,43 @@ def resolve_model(name: str) -> tuple[Path | str, str, str]:
     return name, slug(name), f"hub id {name}"
 
 
+def check_remote_code(name: str, source: Path | str, trust_remote_code: bool, revision: str | None) -> None:
+    """Remote code runs only when asked for, and pinned: called before anything is downloaded or imported.
+
+    A model known to need its repository's code is refused without --trust-remote-code; a hub model with
+    --trust-remote-code is refused without --revision <40-hex commit>, so a later push to the repository
+    cannot change the code that runs here. A local dir's code is already on disk: the flag alone is enough."""
+    if not trust_remote_code:
+        if name in REMOTE_CODE_MODELS or source in REMOTE_CODE_MODELS:
+            raise KbError(f"model {name!r} runs Python code from its hub repository: read that code, then add "
+                          "--trust-remote-code --revision <commit you read> (scripts/run_*.sh name one)")
+        return
+    if isinstance(source, str) and not (revision and COMMIT_RE.fullmatch(revision)):
+        raise KbError(f"--trust-remote-code on hub model {source!r} needs --revision <40-hex commit> so the code that "
+                      f"runs is the code you read (got {revision!r})")
+
+
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".gguf", ".pt"}
+
+
+def check_model_dir(source: Path | str) -> None:
+    """A local checkpoint must have a readable config.json and weight files (one line naming what is missing)."""
+    if not isinstance(source, Path) or not source.is_dir():
+        return
+    from kb.io import read_json
+
+    cfg = read_json(source / "config.json")
+    if not isinstance(cfg, dict):
+        raise KbError(f"{source / 'config.json'}: must be a JSON object")
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in source.iterdir()):
+        raise KbError(f"model dir {source} has no weight files (*.safetensors, *.bin); the copy is incomplete")
+
+
+def model_label(name: str, adapter: str | None = None) -> str:
+    """The label load_model gives (the folder outputs go to), without loading anything."""
+    return slug(str(repo_path(adapter))) if adapter else resolve_model(name)[1]
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     device: str | None = None,
@@ -209,6 +253,7 @@ def load_model(
     adapter: str | None = None,
     trust_remote_code: bool = False,
     for_training: bool = False,
+    revision: str | None = None,
 ) -> LoadedModel:
     """Load model + tokenizer (and a PEFT adapter on top when given) ready for scoring."""
     import torch
@@ -218,23 +263,36 @@ def load_model(
     base_name = name
     if isinstance(source, Path) and (source / "adapter_config.json").exists() and not (source / "config.json").exists():
         adapter = adapter or str(source)
-        base_name = json.loads((source / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+        from kb.io import read_json
+
+        acfg = read_json(source / "adapter_config.json")
+        base_name = (acfg.get("base_model_name_or_path") if isinstance(acfg, dict) else None) or ""
         base_meta = source / "kb_base_model.json"
         if base_meta.exists():
-            base_name = json.loads(base_meta.read_text())["base_model"]
+            info = read_json(base_meta)
+            if not isinstance(info, dict) or not isinstance(info.get("base_model"), str):
+                raise KbError(f"{base_meta}: field 'base_model': missing or not a string")
+            base_name = info["base_model"]
+            revision = revision or info.get("base_revision")  # the tuned dir pins the base it was made from
         if not base_name:
             raise KbError(f"{source}: adapter names no base model; pass --model BASE --adapter {source}")
         source, _, how = resolve_model(base_name)
-    trust_remote_code = trust_remote_code or name in REMOTE_CODE_MODELS
+    check_remote_code(base_name, source, trust_remote_code, revision)
+    if not isinstance(source, str):
+        revision = None  # local files: a hub revision does not apply
+    check_model_dir(source)
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code
+            source, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code, revision=revision
         )
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - any failure inside transformers on given files is bad input
+        if "trust_remote_code" in str(err) and not trust_remote_code:
+            raise KbError(f"model {name!r} needs its repository's own code: read it, then add --trust-remote-code "
+                          "--revision <commit you read>") from None
         if isinstance(source, str):
             hint = "offline (HF_HUB_OFFLINE=1)" if offline else "no hub access or no such repo"
             raise KbError(
@@ -242,17 +300,22 @@ def load_model(
                 f"{list(OFFLINE_MODELS)}, local path {repo_path(name)}, hub id {name}. "
                 f"Download it with `huggingface-cli download {name}` or pass a local dir/.gguf"
             ) from None
-        raise KbError(f"model {name!r} at {source} failed to load: {str(err).splitlines()[0]}") from None
+        first = (str(err).splitlines() or [""])[0][:300]
+        raise KbError(f"model {name!r} at {source} failed to load ({type(err).__name__}: {first})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
-    fingerprint = weights_fingerprint(Path(source)) if isinstance(source, Path) else f"hub:{source}"
+    fingerprint = weights_fingerprint(Path(source)) if isinstance(source, Path) else f"hub:{source}@{revision or 'main'}"
     if adapter:
         from peft import PeftModel
 
         apath = repo_path(adapter)
         if not (apath / "adapter_config.json").exists():
             raise KbError(f"adapter {apath} not found (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, apath, is_trainable=for_training)
+        try:
+            model = PeftModel.from_pretrained(model, apath, is_trainable=for_training)
+        except Exception as err:  # noqa: BLE001 - a bad adapter folder is bad input
+            first = (str(err).splitlines() or [""])[0][:300]
+            raise KbError(f"adapter {apath} failed to load ({type(err).__name__}: {first})") from None
         if not for_training:
             model = model.merge_and_unload()
         fingerprint += "+" + weights_fingerprint(apath)
@@ -264,5 +327,5 @@ def load_model(
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=base_name if adapter else name, label=label,
         source=str(source), fingerprint=fingerprint, device=device, dtype=dtype, adapter=adapter,
-        extra={"resolved": how},
+        revision=revision, trust_remote_code=trust_remote_code, extra={"resolved": how},
     )

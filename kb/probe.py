@@ -33,8 +33,9 @@ from kb.engine import (
 from kb.errors import KbError
 from kb.io import write_json
 from kb.lmflow import make_dataset, to_text_only, write_dataset
+from kb.locks import lock_output, rank_path
 from kb.metrics import chance_accuracy, near_chance_note
-from kb.models import LoadedModel, load_model
+from kb.models import LoadedModel, load_model, model_label
 from kb.paths import repo_path
 from kb.prompts import PromptFormat, letter_rule, render, resolve_chat
 from kb.provenance import make_meta, recorded_args, start_records
@@ -83,15 +84,18 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
     samples = subset(load_split(dataset, split), args.limit, args.seed)
     PromptFormat(template, args.shots).check()  # validate everything cheap before loading a model
     shots = {g: shots_for(dataset, args.shots, g) for g in dict.fromkeys(s.group for s in samples)}
+    name = f"{display_name(dataset)}_{split}" + (f"_{args.shots}shot" if spec.kind == "mcq" else "") + (f"_{tag}" if tag else "")
+    # One writer per record file: a second run stops here, before it spends minutes loading the model.
+    lock_output(rank_path(repo_path(args.output_dir) / model_label(args.model, args.adapter) / f"probe_{name}.jsonl"))
     dist = setup_dist()  # torchrun / accelerate launch: one rank per GPU, see kb/distributed.py
-    lm = load_model(args.model, dist.device(args.device), args.dtype, args.adapter, args.trust_remote_code)
+    lm = load_model(args.model, dist.device(args.device), args.dtype, args.adapter, args.trust_remote_code,
+                    revision=args.revision)
     tok = lm.tokenizer
     chat = resolve_chat(args.chat_template, tok)
     fmt = PromptFormat(template, args.shots, chat)
     prompts = {s.id: render(s, fmt, shots[s.group], tok) for s in samples}
     seqs = encode(tok, [prompts[s.id] for s in samples], chat)
 
-    name = f"{display_name(dataset)}_{split}" + (f"_{args.shots}shot" if spec.kind == "mcq" else "") + (f"_{tag}" if tag else "")
     out_dir = repo_path(args.output_dir) / lm.label
     res_dir = repo_path(args.results_dir) / lm.label
     rec_path = out_dir / f"probe_{name}.jsonl"

@@ -59,7 +59,8 @@ def make_meta(stage: str, run_key: dict[str, Any], lm: Any | None, samples: Sequ
     meta: dict[str, Any] = {"stage": stage, "run_key": run_key}
     if lm is not None:
         meta["model"] = {"name": lm.name, "label": lm.label, "source": lm.source, "fingerprint": lm.fingerprint,
-                         "adapter": lm.adapter, "device": lm.device, "dtype": lm.dtype}
+                         "adapter": lm.adapter, "device": lm.device, "dtype": lm.dtype,
+                         "revision": lm.revision, "trust_remote_code": lm.trust_remote_code}
     if samples is not None:
         meta["questions"] = {"n": len(samples), "digest": samples_digest(samples)}
     meta["packages"] = package_versions()
@@ -74,6 +75,9 @@ def check_resumable(meta_path: Path, meta: dict[str, Any], restart: bool) -> Non
     if restart or not meta_path.exists():
         return
     old = read_json(meta_path)
+    if not isinstance(old, dict) or not isinstance(old.get("model") or {}, dict):
+        raise KbError(f"{meta_path}: not a meta file kb wrote (not a JSON object with a 'model' object); rerun with "
+                      "--restart to start over")
     mine = {"run_key": meta.get("run_key"), "model": (meta.get("model") or {}).get("fingerprint"),
             "questions": meta.get("questions")}
     theirs = {"run_key": old.get("run_key"), "model": (old.get("model") or {}).get("fingerprint"),
@@ -94,7 +98,9 @@ def start_records(rec_path: Path, meta_path: Path, meta: dict[str, Any], restart
     """Prepare a resumable record file: refuse mismatched old records, drop them on --restart or when
     their meta is missing (they cannot be trusted to match), then write this run's meta."""
     from kb.io import write_json
+    from kb.locks import lock_output, rank_path
 
+    lock_output(rank_path(rec_path))  # before anything is read or written: one run per record file
     check_resumable(meta_path, meta, restart)
     if restart or (rec_path.exists() and not meta_path.exists()):
         rec_path.unlink(missing_ok=True)

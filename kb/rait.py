@@ -142,15 +142,17 @@ def build_instances(sel: Selection, by_id: dict[str, StateRecord], tokenizer: An
 # The build_rait.py stage
 
 
-def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(model: str, trust_remote_code: bool = False, revision: str | None = None) -> Any:
     """Only the tokenizer of a model (for its chat template): building data needs no weights."""
     from transformers import AutoTokenizer
 
-    from kb.models import resolve_model
+    from kb.models import check_remote_code, resolve_model
 
     source, _, _ = resolve_model(model)  # a state file names its base model, never an adapter dir
+    check_remote_code(model, source, trust_remote_code, revision)
     try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                            revision=revision if isinstance(source, str) else None)
     except (OSError, ValueError) as err:
         raise KbError(f"tokenizer of {model!r} could not be loaded: {str(err).splitlines()[0][:200]}") from None
     return tok
@@ -213,7 +215,7 @@ def run_build(args: argparse.Namespace) -> dict[str, Any]:
         flow = load_flow(flow_path)
         check_flow_matches(state, flow)
     index, reps = load_reps(state)
-    tok = load_tokenizer(state.meta["model"]["name"], args.trust_remote_code)
+    tok = load_tokenizer(state.meta["model"]["name"], args.trust_remote_code, state.meta["model"].get("revision"))
     chat = resolve_chat(args.chat_template, tok)
     by_id = state.by_id
     flows = flow.by_id if flow else None

@@ -114,7 +114,7 @@ def run_rehearsal(args: argparse.Namespace) -> dict[str, Any]:
     kind = state.kind
     rule = rehearsal_rule(kind, args.min_cor, args.min_cer)
     chosen = select_rehearsal(state.records, rule, args.n_rehearsal, args.seed, str(state_path))
-    tok = load_tokenizer(m0["name"], args.trust_remote_code)
+    tok = load_tokenizer(m0["name"], args.trust_remote_code, args.revision or m0.get("revision"))
     chat = resolve_chat(args.chat_template, tok)
     train_config = args.train_config or TRAIN_CONFIGS[kind]
     from kb.finetune import parse_overrides, resolve_config
@@ -123,6 +123,9 @@ def run_rehearsal(args: argparse.Namespace) -> dict[str, Any]:
     cfg, _ = resolve_config(str(repo_path(train_config)), overrides)  # a bad recipe fails before anything is written
     name = state_path.name.removeprefix("state_").removesuffix(".jsonl")
     out_dir = state_path.parent
+    from kb.locks import lock_output
+
+    lock_output(out_dir / f"flow_{name}.jsonl")  # one rehearsal run per flow file, before anything is written
     selection = {"rule": rule.describe(), "relaxed": rule.relaxed, "paper_rule": rehearsal_rule(kind).describe(),
                  "n_eligible": sum(rule.admits(r) for r in state.records), "n": len(chosen), "max_n": args.n_rehearsal,
                  "seed": args.seed, "ids": [r["id"] for r, _ in chosen], "answers": [a for _, a in chosen],
@@ -142,10 +145,11 @@ def run_rehearsal(args: argparse.Namespace) -> dict[str, Any]:
     tuned_dir = repo_path(args.tuned_dir) if args.tuned_dir else default_output_dir(label, Path(train_config).stem, train_file)
     t0 = time.perf_counter()
     tuned = finetune(train_file, str(repo_path(train_config)), m0["name"], tuned_dir, overrides=overrides,
-                     resume=not args.restart)
+                     resume=not args.restart, trust_remote_code=args.trust_remote_code,
+                     revision=args.revision or m0.get("revision"))
     train_s = time.perf_counter() - t0
 
-    lm1 = load_model(str(tuned), args.device, args.dtype, None, args.trust_remote_code)
+    lm1 = load_model(str(tuned), args.device, args.dtype, None, args.trust_remote_code)  # base revision: kb_base_model.json
     if lm1.fingerprint == m0["fingerprint"]:
         raise KbError(f"{tuned}: the rehearsed model has M0's weights; the fine-tune changed nothing")
     settings = QuerySettings.from_meta(state.meta)

@@ -28,6 +28,7 @@ from kb.distributed import Dist, ShardedLog, shard
 from kb.engine import PrefixScorer, batch_seed, generate, letter_candidates, letter_probs, plan_batches
 from kb.errors import KbError
 from kb.io import write_json
+from kb.locks import lock_output, rank_path
 from kb.metrics import chance_accuracy, near_chance_note
 from kb.models import LoadedModel
 from kb.probe import encode, token_budget
@@ -282,6 +283,7 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
                                                       "representation": rep_info, "embedder": embedder_path,
                                                       **(extra_meta or {}),
                                                       "question_ids": [s.id for s in samples]})
+    lock_output(rank_path(rec_path))  # one run per state file (rank r > 0: its shard)
     check_resumable(mpath, meta, restart)
     fresh = restart or not mpath.exists() or not npy.exists() or not side.exists()
     if not fresh:

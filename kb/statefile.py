@@ -233,9 +233,9 @@ class FlowFile:
 def _load_records(path: Path, validate: Any) -> list[Any]:
     out, seen = [], set()
     for row, rec in iter_jsonl(path):
-        if "id" in rec and rec["id"] in seen:
+        rec = validate(path, row, rec)  # first: it checks that the id is a string
+        if rec["id"] in seen:
             raise data_error(path, f"duplicate id {rec['id']!r}", row=row, field="id")
-        rec = validate(path, row, rec)
         seen.add(rec["id"])
         out.append(rec)
     if not out:
@@ -243,20 +243,31 @@ def _load_records(path: Path, validate: Any) -> list[Any]:
     return out
 
 
+def _read_meta(path: Path, stage: str) -> dict[str, Any]:
+    mp = meta_path(path)
+    meta = read_json(mp)
+    if not isinstance(meta, dict):
+        raise data_error(mp, "a meta file must be a JSON object")
+    if meta.get("stage") != stage:
+        raise data_error(mp, f"not a {stage} meta file (stage {meta.get('stage')!r})", field="stage")
+    for key in ("model", "questions", "state"):
+        if key in meta and meta[key] is not None and not isinstance(meta[key], dict):
+            raise data_error(mp, "must be an object", field=key)
+    return meta
+
+
 def load_state(path: str | Path) -> StateFile:
     """Read and validate a state file and its meta; records come back in the meta's question order."""
     path = Path(path)
     records = _load_records(path, validate_state_record)
     mp = meta_path(path)
-    meta = read_json(mp)
-    if meta.get("stage") != "state":
-        raise data_error(mp, f"not a state meta file (stage {meta.get('stage')!r})", field="stage")
+    meta = _read_meta(path, "state")
     kinds = {r["kind"] for r in records}
     if len(kinds) != 1:
         raise data_error(path, f"mixed kinds {sorted(kinds)} in one state file", field="kind")
     order = meta.get("question_ids")
-    if not isinstance(order, list):
-        raise data_error(mp, "missing the question id list", field="question_ids")
+    if not isinstance(order, list) or not all(isinstance(i, str) for i in order):
+        raise data_error(mp, "missing the question id list (strings)", field="question_ids")
     have = {r["id"]: r for r in records}
     if set(order) != set(have) or len(order) != len(have):
         missing = [i for i in order if i not in have][:3]
@@ -268,10 +279,7 @@ def load_state(path: str | Path) -> StateFile:
 def load_flow(path: str | Path) -> FlowFile:
     path = Path(path)
     records = _load_records(path, validate_flow_record)
-    mp = meta_path(path)
-    meta = read_json(mp)
-    if meta.get("stage") != "flow":
-        raise data_error(mp, f"not a flow meta file (stage {meta.get('stage')!r})", field="stage")
+    meta = _read_meta(path, "flow")
     return FlowFile(path, meta, records)
 
 
@@ -306,11 +314,18 @@ def load_reps(state: StateFile) -> tuple[dict[str, int], np.ndarray]:
     """The question representations of a state file as (id -> row, float32 array), checked against it."""
     npy, side = reps_paths(state.path)
     info = read_json(side)
+    if not isinstance(info, dict):
+        raise data_error(side, "must be a JSON object")
     if not npy.is_file():
         raise KbError(f"{npy}: representation file not found (rerun query_state.py)")
-    arr = np.load(npy, mmap_mode="r")
+    try:
+        arr = np.load(npy, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError, TypeError, SyntaxError) as err:  # SyntaxError: a mangled header
+        raise data_error(npy, f"not a readable .npy array ({type(err).__name__}: {str(err)[:120]})") from None
+    if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.dtype.kind != "f":
+        raise data_error(npy, f"expected a 2-d float array, got {getattr(arr, 'shape', '?')} {getattr(arr, 'dtype', '?')}")
     ids = info.get("ids")
-    if not isinstance(ids, list) or len(ids) != arr.shape[0]:
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or len(ids) != arr.shape[0]:
         raise data_error(side, f"ids list does not match {npy.name} rows ({arr.shape[0]})", field="ids")
     if info.get("model_fingerprint") != state.fingerprint():
         raise data_error(side, f"made by another model than {state.path.name}", field="model_fingerprint")

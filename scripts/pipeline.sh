@@ -3,7 +3,7 @@
 # (state -> rehearsal flow -> RAIT sets -> SFT of each from M0 -> evaluate), then the report.
 # Sourced by scripts/run_<model>.sh, which set these and then call `kb_pipeline "$@"`:
 #   MODEL             --model value: hub id, offline alias or local dir            (required)
-#   MODEL_FLAGS       array of extra model flags, e.g. (--trust-remote-code --dtype bfloat16)
+#   MODEL_FLAGS       array of extra model flags, e.g. (--trust-remote-code --revision <commit> --dtype bfloat16)
 #   RTUNING_CONFIG    fine-tune recipe for R-Tuning data        (default configs/finetune_rtuning.yaml)
 #   REHEARSAL_CONFIG  recipe for the rehearsal SFT, MCQ track   (default configs/finetune_craft_mcq_lora.yaml)
 #   RAIT_CONFIG       recipe for each RAIT set, MCQ track       (default configs/finetune_craft_mcq_lora.yaml)
@@ -39,7 +39,8 @@ kb_pipeline() {
     if [[ -x .venv/bin/python ]]; then py=.venv/bin/python; else py=python; fi
   fi
   local -a mf=("${MODEL_FLAGS[@]+"${MODEL_FLAGS[@]}"}")
-  # build_rait.py loads only a tokenizer: it takes --trust-remote-code but no --dtype
+  # build_rait.py loads only a tokenizer: it takes --trust-remote-code but no --dtype (the revision comes
+  # from the state file, which pins the model it was made with)
   local -a bf=()
   [[ " ${mf[*]} " == *" --trust-remote-code "* ]] && bf=(--trust-remote-code)
   local -a reh_flags=("${REHEARSAL_FLAGS[@]+"${REHEARSAL_FLAGS[@]}"}")

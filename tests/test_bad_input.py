@@ -57,6 +57,9 @@ CASES: list[tuple[str, str, Callable[[Path], list[str]], str]] = [
      "row 4: field 'answer': answer 'E' is not one of A, B, C, D"),
     ("mmlu-empty-question", "run_MMLU", lambda t: ["--data-root", str(_mmlu_root(t, MMLU_ROW * 3 + '" ",1,2,3,4,A\n'))],
      "row 4: field 'question': empty question"),
+    ("mmlu-utf16", "run_MMLU", lambda t: ["--data-root", str(_rewrite(_mmlu_root(t), "mmlu/test/algebra_test.csv",
+                                                                      b"\xff\xfe" + MMLU_ROW.encode("utf-16-le")))],
+     "algebra_test.csv: not UTF-8 text (byte 0xff at offset 0); it looks like UTF-16: save it as UTF-8"),
     ("mmlu-no-data", "run_MMLU", lambda t: ["--data-root", str(t / "nothing")], "nothing/mmlu: data file not found"),
     ("mmlu-missing-dev", "run_MMLU", lambda t: ["--data-root", str(_rm(_mmlu_root(t), "mmlu/dev/algebra_dev.csv"))],
      "algebra_dev.csv: data file not found"),
@@ -81,6 +84,11 @@ CASES: list[tuple[str, str, Callable[[Path], list[str]], str]] = [
     ("config-missing", "run_MMLU", lambda t: ["--config", str(t / "none.yaml")], "none.yaml: config file not found"),
     ("unknown-template", "run_MMLU", lambda t: ["--template", "mcq_nope", "--limit", "2"], "unknown prompt template 'mcq_nope'"),
 ]
+
+
+def _rewrite(root: Path, rel: str, raw: bytes) -> Path:
+    (root / rel).write_bytes(raw)
+    return root
 
 
 def _rm(root: Path, rel: str) -> Path:

@@ -38,6 +38,7 @@ from kb.statefile import (
     DEFAULT_SHOTS,
     StateFile,
     agreement,
+    load_npy,
     load_state,
     mean_pairwise_cosine,
     meta_path,
@@ -287,7 +288,7 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
     check_resumable(mpath, meta, restart)
     fresh = restart or not mpath.exists() or not npy.exists() or not side.exists()
     if not fresh:
-        arr = np.load(npy, mmap_mode="r")
+        arr = load_npy(npy)
         fresh = arr.shape != (len(samples), hidden) or str(arr.dtype) != settings.rep_dtype
     dist.barrier()  # every rank has decided `fresh` from the same files before rank 0 changes them
     from numpy.lib.format import open_memmap

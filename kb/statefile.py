@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import tokenize
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -308,6 +309,12 @@ def check_flow_matches(state: StateFile, flow: FlowFile) -> None:
         s = by_id[fr["id"]]
         if fr["cor0"] != s["cor"] or fr["cer0"] != s["cer"]:
             raise data_error(flow.path, f"cor0/cer0 differ from {state.path.name} for {fr['id']!r}", row=row, field="cor0")
+def load_npy(npy: Path) -> np.ndarray:
+    """A .npy array (memory-mapped, no pickles), or one line naming the file when it is not one."""
+    try:
+        return np.load(npy, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError, TypeError, SyntaxError, tokenize.TokenError) as err:  # a mangled header
+        raise data_error(npy, f"not a readable .npy array ({type(err).__name__}: {str(err)[:120]})") from None
 
 
 def load_reps(state: StateFile) -> tuple[dict[str, int], np.ndarray]:
@@ -318,10 +325,7 @@ def load_reps(state: StateFile) -> tuple[dict[str, int], np.ndarray]:
         raise data_error(side, "must be a JSON object")
     if not npy.is_file():
         raise KbError(f"{npy}: representation file not found (rerun query_state.py)")
-    try:
-        arr = np.load(npy, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError, TypeError, SyntaxError) as err:  # SyntaxError: a mangled header
-        raise data_error(npy, f"not a readable .npy array ({type(err).__name__}: {str(err)[:120]})") from None
+    arr = load_npy(npy)
     if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.dtype.kind != "f":
         raise data_error(npy, f"expected a 2-d float array, got {getattr(arr, 'shape', '?')} {getattr(arr, 'dtype', '?')}")
     ids = info.get("ids")

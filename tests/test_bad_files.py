@@ -403,7 +403,7 @@ def _mutations() -> st.SearchStrategy[tuple[str, bytes]]:
     return st.tuples(st.sampled_from(sorted(VALID)), st.data()).map(lambda kd: mutate(*kd))
 
 
-@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=_mutations())
 def test_fuzz_mutated_files_give_kb_errors_only(tmp_path_factory, case):
     kind, raw = case
@@ -414,7 +414,7 @@ def test_fuzz_mutated_files_give_kb_errors_only(tmp_path_factory, case):
         assert "\n" not in str(err)
 
 
-@settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(sorted(VALID)), raw=st.binary(max_size=400))
 def test_fuzz_random_bytes_give_kb_errors_only(tmp_path_factory, kind, raw):
     t = tmp_path_factory.mktemp("fuzz")

@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", default=None, help="model label(s) under results/ (default: all)")
     p.add_argument("--results-dir", default="results", help="where evaluate.py wrote its summaries")
+    p.add_argument("--test-set", action="append", default=None,
+                   help="only these test sets in table_rtuning.md, e.g. ParaRel_ID_test (repeatable; default: all)")
     p.add_argument("--abstention", action="store_true",
                    help="the abstention table (table_abstention.md) instead of table_rtuning.md")
     return p
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
             print(text)
             print(f"-> {args.results_dir}/{model}/table_abstention.md\n")
         return
-    for model, text in build_table(args.results_dir, args.model).items():
+    for model, text in build_table(args.results_dir, args.model, test_sets=args.test_set).items():
         print(text)
         print(f"-> {args.results_dir}/{model}/table_rtuning.md\n")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kb import bootstrap, metrics
+from kb.data import abstention_datasets
 from kb.errors import KbError
 from kb.io import read_json, read_jsonl, write_text
 from kb.paths import repo_path
@@ -210,15 +211,22 @@ DIFF_NOTES = (
 
 
 def build_table(results_dir: str | Path = "results", models: Sequence[str] | None = None,
-                extra_columns: Mapping[str, ExtraColumn] | None = None, write: bool = True) -> dict[str, str]:
+                extra_columns: Mapping[str, ExtraColumn] | None = None, write: bool = True,
+                test_sets: Sequence[str] | None = None) -> dict[str, str]:
     """Markdown per model ({model: text}); with write, saved as results/<model>/table_rtuning.md.
+    The abstention sets have their own table (abstention_table); `test_sets` (e.g. ParaRel_ID_test)
+    keeps only those.
 
     extra_columns: {column name: function(summary) -> value, or {method or row name: value}}.
     """
     extra_columns = DEFAULT_EXTRA if extra_columns is None else extra_columns
-    summaries = load_summaries(results_dir, models)
+    abstention = set(abstention_datasets())
+    summaries = [s for s in load_summaries(results_dir, models)
+                 if not any(s["test_set"].startswith(f"{a}_") for a in abstention)
+                 and (not test_sets or s["test_set"] in test_sets)]
     if not summaries:
-        raise KbError(f"{repo_path(results_dir)}: no evaluation summaries found (run evaluate.py first)")
+        raise KbError(f"{repo_path(results_dir)}: no evaluation summaries found"
+                      + (f" for {', '.join(test_sets)}" if test_sets else "") + " (run evaluate.py first)")
     out = {}
     for model in sorted({s["model"] for s in summaries}):
         mine = [s for s in summaries if s["model"] == model]

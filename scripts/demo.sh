@@ -40,10 +40,12 @@ RT_STEPS=${RT_STEPS:-10}     # optimizer steps (of 8 instances) per R-Tuning fin
 RAIT_STEPS=${RAIT_STEPS:-8}  # optimizer steps (of 8 instances) per RAIT fine-tune
 FT=configs/finetune_cpu_demo.yaml
 case "$TRACK" in
-  open) DATASET=pararel SOURCE_NAME=ParaRel_ID_train_3shot RT_NAME=ParaRel_ID_train_open_refuse
-        TESTS=(--test pararel:ID_test --test pararel:OOD_test) TRAIN_TEST=pararel:ID_train ;;
-  mcq) DATASET=mmlu SOURCE_NAME=MMLU_ID_train_5shot RT_NAME=MMLU_ID_train_0shot_mcq_refuse
-       TESTS=(--test mmlu:ID_test --test mmlu:OOD_test) TRAIN_TEST=mmlu:ID_train ;;
+  open) SOURCE_NAME=ParaRel_ID_train_3shot RT_NAME=ParaRel_ID_train_open_refuse
+        TESTS=(--test pararel:ID_test --test pararel:OOD_test) TRAIN_TEST=pararel:ID_train
+        TABLE=(--test-set ParaRel_ID_test --test-set ParaRel_OOD_test) ;;
+  mcq) SOURCE_NAME=MMLU_ID_train_5shot RT_NAME=MMLU_ID_train_0shot_mcq_refuse
+       TESTS=(--test mmlu:ID_test --test mmlu:OOD_test) TRAIN_TEST=mmlu:ID_train
+       TABLE=(--test-set MMLU_ID_test --test-set MMLU_OOD_test) ;;
   *) echo "error: TRACK must be open or mcq, not $TRACK" >&2; exit 2 ;;
 esac
 ABSTAIN=(--test selfaware:test --test falseqa:test)
@@ -117,7 +119,7 @@ for method in van cor_rait corcer_rait craft_wo_cer craft; do
 done
 
 stamp "4/4 tables and report"
-run $PY results_table.py --model "$LABEL"
+run $PY results_table.py --model "$LABEL" "${TABLE[@]}"
 run $PY results_table.py --model "$LABEL" --abstention
 run $PY report.py --models "$LABEL"
 stamp "done: results/$LABEL/table_rtuning.md, results/report.md, results/report.html"

@@ -518,3 +518,45 @@ def decoder_for(model: Any, pad_id: int, stop_ids: Sequence[int]) -> Decoder:
         _DECODERS.clear()
         d = _DECODERS[id(model)] = Decoder(model, pad_id, stop_ids)
     return d
+
+
+def question_key(seed: int, question_id: str) -> int:
+    """A question's sampling key: fixed by the run's seed and the question, not by its batch."""
+    import hashlib
+
+    return _i64(int(hashlib.sha256(f"{seed}|{question_id}".encode()).hexdigest()[:16], 16))
+
+
+def generation_stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    """What ends a reply: the tokenizer's EOS and the generation config's (generate's rule)."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    ids |= set(extra) if isinstance(extra, list) else {extra}
+    return sorted(i for i in ids if i is not None)
+
+
+_RULES: dict[tuple[int, int], StopRule] = {}
+
+
+def answer_end_rule(tokenizer: Any, model: Any) -> StopRule:
+    vocab = model.get_output_embeddings().weight.shape[0]
+    key = (id(tokenizer), vocab)
+    if key not in _RULES:
+        _RULES.clear()
+        _RULES[key] = StopRule.answer_end(tokenizer, vocab)
+    return _RULES[key]
+
+
+def decode_texts(model: Any, tokenizer: Any, seqs: Sequence[Sequence[int]], max_new: int, *, n: int = 1,
+                 temperature: float | None = None, keys: Sequence[int] | None = None, want_scores: bool = False,
+                 stop_at_answer_end: bool = False) -> tuple[list[list[str]], list[list[float | None]] | None]:
+    """engine.generate's result through Decoder: texts[q][k] and, if asked, each reply's mean token log-prob."""
+    dec = decoder_for(model, tokenizer.pad_token_id, generation_stop_ids(model, tokenizer))
+    rule = answer_end_rule(tokenizer, model) if stop_at_answer_end else None
+    out = dec.run(seqs, max_new, n=n, temperature=temperature, keys=keys, want_logps=want_scores, stop_rule=rule)
+    texts = [tokenizer.batch_decode([r.tokens for r in row], skip_special_tokens=True) for row in out]
+    scores = None
+    if want_scores:
+        scores = [[(sum(r.logps) / len(r.logps)) if r.logps else None for r in row] for row in out]  # type: ignore[arg-type]
+    return texts, scores

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from kb import metrics
 from kb.answers import classify_reply, cut_at_period, rtuning_answer_part, rtuning_verdict
+from kb.config import default_batch_size
 from kb.data import LETTERS, Sample, dataset_spec, display_name, load_split, subset
 from kb.engine import PrefixScorer, auto_token_budget, letter_candidates, letter_probs, plan_batches
 from kb.errors import KbError
@@ -163,6 +164,7 @@ def evaluate_set(lm: LoadedModel, label: str, method: str, tuned: bool, dataset:
     fmt = PromptFormat(template, 0, chat)
     fmt.check()
     max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[kind]
+    args.batch_size = default_batch_size(args.batch_size, lm.device)  # before the meta records it
     row = row_name(method, template, kind)
     rec_path, sum_path, meta_path = eval_paths(args.results_dir, label, method, dataset, split, template)
 

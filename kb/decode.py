@@ -149,6 +149,9 @@ class _StepContext:
     step: torch.Tensor  # [B] long: where this step's key/value goes
     rows: torch.Tensor  # [B] arange
     n: int
+    fused: bool = False  # CUDA: the fused memory-efficient attention kernel for both halves
+    prompt_bias: torch.Tensor | None = None  # [G, 1, 1, P] 0 / -inf (fused)
+    own_bias: torch.Tensor | None = None  # [B, 1, 1, T] 0 / -inf (fused)
 
 
 _ACTIVE: _StepContext | None = None
@@ -174,8 +177,10 @@ def decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     kg[ctx.rows, :, ctx.step] = key[:, :, 0]
     vg[ctx.rows, :, ctx.step] = value[:, :, 0]
     kp, vp = ctx.kp[module.layer_idx]
-    # Prompt half: the N samples of a group and the heads sharing a key head read that prompt once.
     qg = query.view(g, n, hkv, rep, d).permute(0, 2, 1, 3, 4).reshape(g, hkv, n * rep, d)
+    if ctx.fused:
+        return _fused_halves(ctx, query, qg, kp, vp, kg, vg, scale), None
+    # Prompt half: the N samples of a group and the heads sharing a key head read that prompt once.
     ep, mp, sp = _masked_lse(torch.matmul(qg, kp.transpose(-1, -2)).float() * scale, ctx.prompt_ok)
     op = torch.matmul(ep.to(vp.dtype), vp).float()  # [G, Hkv, n*rep, D]
 
@@ -191,6 +196,26 @@ def decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     wp, wo = torch.exp(mp - m), torch.exp(mo - m)
     out = (op * wp[..., None] + oo * wo[..., None]) / (sp * wp + so * wo)[..., None]
     return out.to(query.dtype).reshape(b, 1, h, d), None
+
+
+def _fused_halves(ctx: _StepContext, query: torch.Tensor, qg: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor,
+                  kg: torch.Tensor, vg: torch.Tensor, scale: float) -> torch.Tensor:
+    """Both halves through the fused memory-efficient kernel (queries of a key head folded into its rows)."""
+    b, h, _, d = query.shape
+    g, hkv, nr, _ = qg.shape
+    rep, n = h // hkv, ctx.n
+    eff = torch.ops.aten._scaled_dot_product_efficient_attention
+    assert ctx.prompt_bias is not None and ctx.own_bias is not None
+    bp = ctx.prompt_bias.expand(g, hkv, nr, kp.shape[2])
+    op, lp, _, _ = eff(qg, kp, vp, bp, True, 0.0, False, scale=scale)  # [G, Hkv, n*rep, D], [G, Hkv, >= n*rep]
+    qo = query.view(b, hkv, rep, d)
+    bo = ctx.own_bias.expand(b, hkv, rep, kg.shape[2])
+    oo, lo, _, _ = eff(qo, kg, vg, bo, True, 0.0, False, scale=scale)  # [B, Hkv, rep, D], [B, Hkv, >= rep]
+    op = op.view(g, hkv, n, rep, d).transpose(1, 2).reshape(b, hkv, rep, d)
+    lp = lp[:, :, :nr].reshape(g, hkv, n, rep).transpose(1, 2).reshape(b, hkv, rep)
+    share = torch.sigmoid(lp - lo[:, :, :rep])[..., None]  # the prompt's share of the softmax mass
+    out = torch.lerp(oo.float(), op.float(), share)
+    return out.to(query.dtype).reshape(b, 1, h, d)
 
 
 _REGISTERED = False
@@ -223,7 +248,8 @@ class Decoder:
     """
 
     def __init__(self, model: Any, pad_id: int, stop_ids: Sequence[int], *, graphs: bool | None = None,
-                 slots: int | None = None, refill_fraction: float = 0.25, prefill_tokens: int | None = None) -> None:
+                 slots: int | None = None, refill_fraction: float = 0.25, prefill_tokens: int | None = None,
+                 fused: bool | None = None, compile_pick: bool | None = None) -> None:
         if not decoder_supported(model):
             raise ValueError(f"Decoder does not support model type {model.config.model_type!r}")
         _register()
@@ -232,7 +258,12 @@ class Decoder:
         self.stop_ids = sorted(set(stop_ids))
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        cuda = self.device.type == "cuda"
+        self.graphs = cuda if graphs is None else graphs
+        self.fused = cuda if fused is None else fused
+        self._pick: Any = pick
+        if (cuda if compile_pick is None else compile_pick):
+            self._pick = torch.compile(pick, dynamic=False)  # the noise, the Gumbel-max and the log-prob: one kernel
         self.slots = slots
         self.refill_fraction = refill_fraction
         self.prefill_tokens = prefill_tokens or (32768 if self.device.type == "cuda" else 4096)
@@ -335,7 +366,10 @@ class Decoder:
         st["own_ok"].copy_((st["pos_t"][None, :] <= step[:, None])[:, None, None, :])
         cfg = model.config
         saved = cfg._attn_implementation
-        _ACTIVE = _StepContext(st["kp"], st["kg"], st["prompt_ok"], st["own_ok"], step, st["rows"], st["n"])
+        if self.fused:
+            st["own_bias"].copy_(torch.zeros_like(st["own_bias"]).masked_fill_(~st["own_ok"], float("-inf")))
+        _ACTIVE = _StepContext(st["kp"], st["kg"], st["prompt_ok"], st["own_ok"], step, st["rows"], st["n"],
+                               self.fused, st.get("prompt_bias"), st.get("own_bias"))
         cfg._attn_implementation = DECODE_ATTN
         try:
             for layer in dec.layers:
@@ -346,7 +380,7 @@ class Decoder:
             _ACTIVE = None
         h = dec.norm(x)[:, 0]
         logits = model.get_output_embeddings()(h)
-        nxt, lp = pick(logits, st["keys"], step + 1, st["temperature"], st["want_logps"])
+        nxt, lp = self._pick(logits, st["keys"], step + 1, st["temperature"], st["want_logps"])
         self._emit(st, None, nxt, lp, step + 1)
         st["step"].copy_(torch.clamp(step + 1, max=st["t"] - 1))
 
@@ -406,6 +440,9 @@ class Decoder:
                 vp[slots, :, :width] = layer.values
             st["plen"][slots] = lens
             st["prompt_ok"][slots] = (st["pos_p"][None, :] < lens[:, None])[:, None, None, :]
+            if self.fused:
+                st["prompt_bias"][slots] = torch.zeros_like(st["prompt_bias"][slots]).masked_fill_(
+                    ~st["prompt_ok"][slots], float("-inf"))
             del out
             rows = (slots[:, None] * n + torch.arange(n, device=self.device)[None, :]).reshape(-1)
             keys = torch.tensor([row_key(qkeys[q], j) for _, q in chunk for j in range(n)], dtype=torch.long,
@@ -416,7 +453,7 @@ class Decoder:
             st["seen"][rows] = False
             st["length"][rows] = 0
             zero = torch.zeros(len(rows), dtype=torch.long, device=self.device)
-            nxt, lp = pick(logits.repeat_interleave(n, dim=0), keys, zero, st["temperature"], st["want_logps"])
+            nxt, lp = pick(logits.repeat_interleave(n, dim=0), keys, zero, st["temperature"], st["want_logps"])  # eager: shapes vary
             self._emit(st, rows, nxt, lp, zero)
 
     # -------------------------------------------------------------- the loop
@@ -437,22 +474,33 @@ class Decoder:
         p = max(len(s) for s in seqs)
         p = -(-p // 64) * 64  # rounded so that later calls with similar prompts reuse the captured step
         t = max(1, max_new - 1)
-        g = min(len(seqs), self._auto_slots(n, p, t))
-        key = (g, n, p, t, temperature, want_logps, stop_rule is not None, max_new)
+        if self.fused:
+            t = -(-t // 16) * 16  # the fused kernel wants key lengths aligned
+        want = (n, p, t, temperature, want_logps, stop_rule is not None, max_new)
         st = self._state
-        if st is None or st["key"] != key:
-            self._state = st = None
+        if st is not None and (st["key"][1:] != want or st["g"] < min(len(seqs), st["cap"])):
+            self._state = st = None  # its buffers count as free memory for the next one
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+        if st is None:
+            cap = self._auto_slots(n, p, t)
+            g = min(len(seqs), cap)
             st = self._alloc(g, n, p, t, temperature, want_logps, stop_rule, max_new)
             st["prompt_ok"] = torch.zeros((g, 1, 1, p), dtype=torch.bool, device=self.device)
             st["own_ok"] = torch.zeros((g * n, 1, 1, t), dtype=torch.bool, device=self.device)
+            if self.fused:
+                st["prompt_bias"] = torch.zeros((g, 1, 1, p), dtype=self.dtype, device=self.device)
+                st["own_bias"] = torch.zeros((g * n, 1, 1, t), dtype=self.dtype, device=self.device)
+            st["cap"] = cap
             self._state = st
         else:
+            g = st["g"]
             st["done"].fill_(True)
             st["plen"].fill_(1)
             st["prompt_ok"].zero_()
         st["prompt_ok"][:, :, :, 0] = True  # empty slots attend to one zero key: no NaN
+        if self.fused:
+            st["prompt_bias"].copy_(torch.zeros_like(st["prompt_bias"]).masked_fill_(~st["prompt_ok"], float("-inf")))
         if stop_rule is not None:  # copied into the tensors the captured step reads
             for name in ("ends", "ends_lead", "content"):
                 getattr(st["rule"], name).copy_(getattr(stop_rule, name))

@@ -19,6 +19,7 @@ kb.engine.generate in the callers (`decoder_supported`).
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,10 +72,15 @@ def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
     return (x >> s) & ((1 << (64 - s)) - 1)
 
 
-def uniform_noise(keys: torch.Tensor, t: torch.Tensor, vocab: int) -> torch.Tensor:
+def vocab_term(vocab: int, device: Any) -> torch.Tensor:
+    """The token id's share of the noise counter, token id x C3 (int64, [vocab])."""
+    return torch.arange(vocab, device=device, dtype=torch.int64) * _C3
+
+
+def uniform_noise(keys: torch.Tensor, t: torch.Tensor, vocab: int, vterm: torch.Tensor | None = None) -> torch.Tensor:
     """u in (0, 1), [B, vocab] float32, a pure function of (keys[b], t[b], token id): splitmix64."""
-    v = torch.arange(vocab, device=keys.device, dtype=torch.int64)
-    x = (keys * _C1 + t * _C2)[:, None] + v[None, :] * _C3
+    v = vterm if vterm is not None else vocab_term(vocab, keys.device)
+    x = (keys * _C1 + t * _C2)[:, None] + v[None, :]
     x = (x ^ _shr(x, 30)) * _C2
     x = (x ^ _shr(x, 27)) * _C3
     x = x ^ _shr(x, 31)
@@ -89,13 +95,13 @@ def row_key(question_key: int, sample: int) -> int:
 
 
 def pick(logits: torch.Tensor, keys: torch.Tensor, t: torch.Tensor, temperature: float | None,
-         want_logp: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+         want_logp: bool, vterm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Next token per row: argmax (temperature None) or a draw from softmax(logits / T) by Gumbel-max."""
     logits = logits.float()
     if temperature is None:
         nxt = logits.argmax(-1)
     else:
-        u = uniform_noise(keys, t, logits.shape[-1])
+        u = uniform_noise(keys, t, logits.shape[-1], vterm)
         nxt = (logits / temperature - torch.log(-torch.log(u))).argmax(-1)
     lp = None
     if want_logp:
@@ -317,6 +323,7 @@ class Decoder:
             graph=None,
         )
         st["group_of_row"] = st["rows"] // n
+        st["vterm"] = vocab_term(self.vocab, dev)
         st["pos_p"] = torch.arange(p, device=dev)
         st["pos_t"] = torch.arange(t, device=dev)
         return st
@@ -380,7 +387,7 @@ class Decoder:
             _ACTIVE = None
         h = dec.norm(x)[:, 0]
         logits = model.get_output_embeddings()(h)
-        nxt, lp = self._pick(logits, st["keys"], step + 1, st["temperature"], st["want_logps"])
+        nxt, lp = self._pick(logits, st["keys"], step + 1, st["temperature"], st["want_logps"], st["vterm"])
         self._emit(st, None, nxt, lp, step + 1)
         st["step"].copy_(torch.clamp(step + 1, max=st["t"] - 1))
 
@@ -392,8 +399,20 @@ class Decoder:
             saved = {k: st[k].clone() for k in ("tok", "step", "done", "seen", "length", "out_tok", "out_lp")}
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self._step(st)  # warm-up (allocator, lazy inits) before capture
+            try:
+                with torch.cuda.stream(side):
+                    self._step(st)  # warm-up (allocator, lazy inits, the sampler's compile) before capture
+            except Exception as err:  # noqa: BLE001  (a kernel or compiler this machine lacks)
+                if not (self.fused or self._pick is not pick):
+                    raise
+                warnings.warn(f"kb.decode: fast step failed ({str(err).splitlines()[0][:200]}); using the plain one",
+                              stacklevel=2)
+                self.fused, self._pick = False, pick
+                torch.cuda.synchronize(self.device)
+                for k, v in saved.items():
+                    st[k].copy_(v)
+                with torch.cuda.stream(side):
+                    self._step(st)
             torch.cuda.current_stream(self.device).wait_stream(side)
             for k, v in saved.items():
                 st[k].copy_(v)
@@ -535,7 +554,8 @@ class Decoder:
                 break
             self._run_step(st)
             steps += 1
-        self.stats = {"slots": g, "rows": g * n, "steps": steps, "admissions": admitted, "prompt_width": p}
+        self.stats = {"slots": g, "rows": g * n, "steps": steps, "admissions": admitted, "prompt_width": p,
+                      "graph": self.graphs, "fused_attention": self.fused, "compiled_sampler": self._pick is not pick}
         return replies
 
     def _harvest(self, st: dict[str, Any], slots: list[int], slot_q: list[int | None],

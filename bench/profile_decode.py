@@ -14,6 +14,7 @@ import torch
 from kb.decode import Decoder, generation_stop_ids
 
 
+@torch.inference_mode()
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_model_args(p)

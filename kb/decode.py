@@ -267,9 +267,10 @@ class Decoder:
         cuda = self.device.type == "cuda"
         self.graphs = cuda if graphs is None else graphs
         self.fused = cuda if fused is None else fused
-        self._pick: Any = pick
+        self._compiled: Any = None
         if (cuda if compile_pick is None else compile_pick):
-            self._pick = torch.compile(pick, dynamic=False)  # the noise, the Gumbel-max and the log-prob: one kernel
+            self._compiled = torch.compile(pick, dynamic=False)  # the noise and the Gumbel-max: one kernel
+        self._pick: Any = pick
         self.slots = slots
         self.refill_fraction = refill_fraction
         self.prefill_tokens = prefill_tokens or (32768 if self.device.type == "cuda" else 4096)
@@ -407,7 +408,7 @@ class Decoder:
                     raise
                 warnings.warn(f"kb.decode: fast step failed ({str(err).splitlines()[0][:200]}); using the plain one",
                               stacklevel=2)
-                self.fused, self._pick = False, pick
+                self.fused, self._pick, self._compiled = False, pick, None
                 torch.cuda.synchronize(self.device)
                 for k, v in saved.items():
                     st[k].copy_(v)
@@ -511,6 +512,8 @@ class Decoder:
                 st["prompt_bias"] = torch.zeros((g, 1, 1, p), dtype=self.dtype, device=self.device)
                 st["own_bias"] = torch.zeros((g * n, 1, 1, t), dtype=self.dtype, device=self.device)
             st["cap"] = cap
+            # Sampling compiles its noise into one kernel (per shape); greedy needs no noise: eager argmax.
+            self._pick = self._compiled if (self._compiled is not None and temperature is not None) else pick
             self._state = st
         else:
             g = st["g"]
@@ -534,19 +537,25 @@ class Decoder:
             slot_q[s] = q
         self._admit(st, seqs, first, qkeys)
         admitted += 1
+        import numpy as np
+
+        busy = np.zeros(g, dtype=bool)
+        busy[[s for s, _ in first]] = True
         while any(q is not None for q in slot_q):
-            gdone = st["done"].view(g, n).all(1).cpu()
-            finished = [s for s in range(g) if slot_q[s] is not None and bool(gdone[s])]
+            gdone = st["done"].view(g, n).all(1).cpu().numpy()
+            finished = np.flatnonzero(gdone & busy).tolist()
             if finished:
                 self._harvest(st, finished, slot_q, replies)
                 for s in finished:
                     slot_q[s] = None
+                busy[finished] = False
             free = [s for s in range(g) if slot_q[s] is None]
             active = g - len(free)
             if queue and free and (len(free) >= refill_at or active == 0 or len(queue) <= len(free)):
                 items = [(s, queue.popleft()) for s in free[:len(queue)]]
                 for s, q in items:
                     slot_q[s] = q
+                    busy[s] = True
                 self._admit(st, seqs, items, qkeys)
                 admitted += 1
                 continue
@@ -582,7 +591,8 @@ _DECODERS: dict[int, Decoder] = {}
 def decoder_for(model: Any, pad_id: int, stop_ids: Sequence[int]) -> Decoder:
     """One Decoder per model (its captured step and buffers are reused across batches)."""
     d = _DECODERS.get(id(model))
-    if d is None or d.model is not model or d.pad_id != pad_id or d.stop_ids != sorted(set(stop_ids)):
+    if d is None or d.model is not model or d.pad_id != pad_id or d.stop_ids != sorted(set(stop_ids)) \
+            or d.dtype != next(model.parameters()).dtype:
         _DECODERS.clear()
         d = _DECODERS[id(model)] = Decoder(model, pad_id, stop_ids)
     return d

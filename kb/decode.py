@@ -273,6 +273,7 @@ class Decoder:
         self._pick: Any = pick
         self.slots = slots
         self.refill_fraction = refill_fraction
+        self.memory_fraction = 0.7  # of free memory for the buffers (the step's temporaries are counted in)
         self.prefill_tokens = prefill_tokens or (32768 if self.device.type == "cuda" else 4096)
         cfg = text_config(model)
         self.layers = cfg.num_hidden_layers
@@ -281,6 +282,7 @@ class Decoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.vocab = model.get_output_embeddings().weight.shape[0]
         self._state: dict[str, Any] | None = None
+        self._planned_slots = 1
         self.stats: dict[str, Any] = {}
 
     # -------------------------------------------------------------- sizing
@@ -295,7 +297,7 @@ class Decoder:
         kv_tok = self.layers * 2 * self.kv_heads * self.head_dim * self.dtype.itemsize
         per_group = kv_tok * (p + n * t) + n * self.vocab * 4 * 8  # caches + the step's [rows, V] temporaries
         per_group += n * self.heads * (p + t) * 4 * 4  # fp32 attention scores
-        return max(1, int(free * 0.55 / per_group))
+        return max(1, int(free * self.memory_fraction / per_group))
 
     # -------------------------------------------------------------- buffers and the step
 
@@ -485,7 +487,21 @@ class Decoder:
         """replies[q][k] for every prompt q and sample k. temperature None: greedy (n should be 1).
 
         keys[q]: the question's sampling key (default its index); sample k of question q is then the same
-        whatever else is decoded with it."""
+        whatever else is decoded with it. Out of GPU memory, the run starts again with fewer slots (the
+        samples do not depend on the slot count)."""
+        while True:
+            try:
+                return self._run(seqs, max_new, n, temperature, keys, want_logps, stop_rule)
+            except torch.cuda.OutOfMemoryError:
+                g = self._planned_slots
+                self._state = None
+                torch.cuda.empty_cache()
+                if g <= 1:
+                    raise
+                self.slots = max(1, g // 2)
+
+    def _run(self, seqs: Sequence[Sequence[int]], max_new: int, n: int, temperature: float | None,
+             keys: Sequence[int] | None, want_logps: bool, stop_rule: StopRule | None) -> list[list[Reply]]:
         if not seqs:
             return []
         if max_new < 1:
@@ -494,8 +510,6 @@ class Decoder:
         p = max(len(s) for s in seqs)
         p = -(-p // 64) * 64  # rounded so that later calls with similar prompts reuse the captured step
         t = max(1, max_new - 1)
-        if self.fused:
-            t = -(-t // 16) * 16  # the fused kernel wants key lengths aligned
         want = (n, p, t, temperature, want_logps, stop_rule is not None, max_new)
         st = self._state
         if st is not None and (st["key"][1:] != want or st["g"] < min(len(seqs), st["cap"])):
@@ -504,13 +518,17 @@ class Decoder:
                 torch.cuda.empty_cache()
         if st is None:
             cap = self._auto_slots(n, p, t)
-            g = min(len(seqs), cap)
+            waves = -(-len(seqs) // cap)
+            g = -(-len(seqs) // waves)  # equal waves: as few as memory allows, no emptier than needed
+            self._planned_slots = g
             st = self._alloc(g, n, p, t, temperature, want_logps, stop_rule, max_new)
             st["prompt_ok"] = torch.zeros((g, 1, 1, p), dtype=torch.bool, device=self.device)
             st["own_ok"] = torch.zeros((g * n, 1, 1, t), dtype=torch.bool, device=self.device)
             if self.fused:
                 st["prompt_bias"] = torch.zeros((g, 1, 1, p), dtype=self.dtype, device=self.device)
-                st["own_bias"] = torch.zeros((g * n, 1, 1, t), dtype=self.dtype, device=self.device)
+                # The fused kernel wants the bias rows 16-aligned: a padded buffer, seen through a slice.
+                st["own_bias"] = torch.zeros((g * n, 1, 1, -(-t // 16) * 16), dtype=self.dtype,
+                                             device=self.device)[..., :t]
             st["cap"] = cap
             # Sampling compiles its noise into one kernel (per shape); greedy needs no noise: eager argmax.
             self._pick = self._compiled if (self._compiled is not None and temperature is not None) else pick
@@ -535,9 +553,17 @@ class Decoder:
         first = [(s, queue.popleft()) for s in range(min(g, len(queue)))]
         for s, q in first:
             slot_q[s] = q
-        self._admit(st, seqs, first, qkeys)
-        admitted += 1
+        import time
+
         import numpy as np
+
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda *a: None)
+        t_start = time.perf_counter()
+        self._admit(st, seqs, first, qkeys)
+        sync()
+        t_prefill = time.perf_counter() - t_start
+        t_first = 0.0
+        admitted += 1
 
         busy = np.zeros(g, dtype=bool)
         busy[[s for s, _ in first]] = True
@@ -556,15 +582,27 @@ class Decoder:
                 for s, q in items:
                     slot_q[s] = q
                     busy[s] = True
+                t0 = time.perf_counter()
                 self._admit(st, seqs, items, qkeys)
+                sync()
+                t_prefill += time.perf_counter() - t0
                 admitted += 1
                 continue
             if active == 0:
                 break
-            self._run_step(st)
+            if steps == 0:  # the first step of a new state captures the graph (and compiles the sampler)
+                t0 = time.perf_counter()
+                self._run_step(st)
+                sync()
+                t_first = time.perf_counter() - t0
+            else:
+                self._run_step(st)
             steps += 1
+        total = time.perf_counter() - t_start
         self.stats = {"slots": g, "rows": g * n, "steps": steps, "admissions": admitted, "prompt_width": p,
-                      "graph": self.graphs, "fused_attention": self.fused, "compiled_sampler": self._pick is not pick}
+                      "graph": self.graphs, "fused_attention": self.fused, "compiled_sampler": self._pick is not pick,
+                      "prefill_s": round(t_prefill, 3), "first_step_s": round(t_first, 3),
+                      "other_steps_s": round(total - t_prefill - t_first, 3)}
         return replies
 
     def _harvest(self, st: dict[str, Any], slots: list[int], slot_q: list[int | None],

@@ -24,13 +24,14 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--kernels", type=int, default=20, help="rows of the kernel table (0: no profile)")
+    p.add_argument("--fast-only", action="store_true", help="only the fast path (fused attention, compiled sampler)")
     args = p.parse_args()
     sub = common.load_subject(args)
     g = torch.Generator().manual_seed(0)
     seqs = torch.randint(100, 40000, (args.questions, args.prompt_tokens), generator=g).tolist()
     stops = generation_stop_ids(sub.model, sub.tokenizer)
     print(f"{sub.name}; {args.questions} questions x {args.samples} samples, {args.prompt_tokens}-token prompts", flush=True)
-    for fused, compiled in ((True, True), (False, False)):
+    for fused, compiled in ((True, True),) if args.fast_only else ((True, True), (False, False)):
         if True:
             dec = Decoder(sub.model, sub.tokenizer.pad_token_id, stops, slots=args.questions, fused=fused,
                           compile_pick=compiled)

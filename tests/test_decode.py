@@ -100,3 +100,19 @@ def test_answer_end_rule_on_device(setup):
             assert out[q][k].tokens == ref, (q, k)
             stopped += len(ref) < 16
     assert stopped > 0
+
+
+def test_stage_sampling_through_the_decoder_is_keyed_by_question(setup, monkeypatch):
+    """kb.state.sample_answers on the decoder path (forced on CPU): a question's samples do not depend on its batch,
+    and the on-device answer-end stop leaves the cut answers as the full-length samples give them."""
+    import kb.state as state
+    from kb.answers import cut_at_period
+
+    tok, model, seqs = setup
+    monkeypatch.setattr(state, "use_decoder", lambda m: True)
+    keys = [11, 22, 33, 44]
+    both = state.sample_answers(model, tok, seqs[:4], 3, 12, 1.0, seed=0, keys=keys)
+    alone = state.sample_answers(model, tok, seqs[2:3], 3, 12, 1.0, seed=5, keys=keys[2:3])
+    assert alone[0] == both[2]
+    full = state.sample_answers(model, tok, seqs[:4], 3, 12, 1.0, seed=0, keys=keys, stop_at_answer_end=False)
+    assert [[cut_at_period(t) for t in r] for r in both] == [[cut_at_period(t) for t in r] for r in full]

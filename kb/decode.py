@@ -605,6 +605,12 @@ class Decoder:
                       "other_steps_s": round(total - t_prefill - t_first, 3)}
         return replies
 
+    def release(self) -> None:
+        """Free the buffers and the captured step (the compiled sampler stays: same shapes reuse it)."""
+        self._state = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _harvest(self, st: dict[str, Any], slots: list[int], slot_q: list[int | None],
                  replies: list[list[Reply]]) -> None:
         n = st["n"]
@@ -670,7 +676,10 @@ def decode_texts(model: Any, tokenizer: Any, seqs: Sequence[Sequence[int]], max_
     """engine.generate's result through Decoder: texts[q][k] and, if asked, each reply's mean token log-prob."""
     dec = decoder_for(model, tokenizer.pad_token_id, generation_stop_ids(model, tokenizer))
     rule = answer_end_rule(tokenizer, model) if stop_at_answer_end else None
-    out = dec.run(seqs, max_new, n=n, temperature=temperature, keys=keys, want_logps=want_scores, stop_rule=rule)
+    try:
+        out = dec.run(seqs, max_new, n=n, temperature=temperature, keys=keys, want_logps=want_scores, stop_rule=rule)
+    finally:
+        dec.release()  # the stage's scorer and embedder get the memory back between batches
     texts = [tokenizer.batch_decode([r.tokens for r in row], skip_special_tokens=True) for row in out]
     scores = None
     if want_scores:

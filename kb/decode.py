@@ -283,6 +283,8 @@ class Decoder:
         self.vocab = model.get_output_embeddings().weight.shape[0]
         self._state: dict[str, Any] | None = None
         self._planned_slots = 1
+        self._first: dict[int, torch.Tensor] | None = None
+        self.first_logprobs: torch.Tensor | None = None
         self.stats: dict[str, Any] = {}
 
     # -------------------------------------------------------------- sizing
@@ -456,6 +458,10 @@ class Decoder:
             out = dec(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
             h = out.last_hidden_state[torch.arange(k, device=self.device), lens - 1]
             logits = model.get_output_embeddings()(h)
+            if self._first is not None:  # the first step's log-probs, per question (GreedyDecoder's letter reading)
+                lsm = torch.log_softmax(logits.float(), dim=-1).cpu()
+                for r, (_, q) in enumerate(chunk):
+                    self._first[q] = lsm[r]
             slots = torch.tensor([g for g, _ in chunk], dtype=torch.long, device=self.device)
             for layer, (kp, vp) in zip(out.past_key_values.layers, st["kp"]):
                 kp[slots, :, :width] = layer.keys
@@ -483,15 +489,23 @@ class Decoder:
     @torch.inference_mode()
     def run(self, seqs: Sequence[Sequence[int]], max_new: int, *, n: int = 1, temperature: float | None = None,
             keys: Sequence[int] | None = None, want_logps: bool = False,
-            stop_rule: StopRule | None = None) -> list[list[Reply]]:
+            stop_rule: StopRule | None = None, want_first: bool = False) -> list[list[Reply]]:
         """replies[q][k] for every prompt q and sample k. temperature None: greedy (n should be 1).
+
+        want_first: also keep the first step's log-probs, [Q, V] float32 on CPU, in `first_logprobs`.
 
         keys[q]: the question's sampling key (default its index); sample k of question q is then the same
         whatever else is decoded with it. Out of GPU memory, the run starts again with fewer slots (the
         samples do not depend on the slot count)."""
+        self._first = {} if want_first else None
+        self.first_logprobs = None
         while True:
             try:
-                return self._run(seqs, max_new, n, temperature, keys, want_logps, stop_rule)
+                out = self._run(seqs, max_new, n, temperature, keys, want_logps, stop_rule)
+                if self._first is not None and seqs and max_new >= 1:
+                    self.first_logprobs = torch.stack([self._first[q] for q in range(len(seqs))])
+                    self._first = None
+                return out
             except torch.cuda.OutOfMemoryError:
                 g = self._planned_slots
                 self._state = None

@@ -116,3 +116,34 @@ def test_stage_sampling_through_the_decoder_is_keyed_by_question(setup, monkeypa
     assert alone[0] == both[2]
     full = state.sample_answers(model, tok, seqs[:4], 3, 12, 1.0, seed=0, keys=keys, stop_at_answer_end=False)
     assert [[cut_at_period(t) for t in r] for r in both] == [[cut_at_period(t) for t in r] for r in full]
+
+
+def test_evaluation_replies_through_the_decoder_match_the_cpu_path(tiny_lm):
+    """GreedyDecoder's GPU path (kb.decode, forced here on CPU): same replies, first-step letter
+    probabilities and p(sure) (then from PrefixScorer's pass) as its CPU path, records compared whole."""
+    from kb.data import load_split, subset
+    from kb.engine import PrefixScorer, letter_candidates, plan_batches
+    from kb.evaluate import GreedyDecoder, _batch_records, stop_token_ids
+    from kb.probe import encode
+    from kb.prompts import PromptFormat, render
+
+    tok = tiny_lm.tokenizer
+    samples = subset(load_split("mmlu", "ID_test"), 6, 3)
+    chat = bool(getattr(tok, "chat_template", None))
+    prompts = [render(s, PromptFormat("mcq_refuse", 0, chat), [], tok) for s in samples]
+    seqs = encode(tok, prompts, chat)
+    batch = plan_batches(seqs, [""] * len(seqs), 16, 1 << 16, extra_tokens=6)[0]
+    idx = list(batch.indices)
+    cands = letter_candidates(tok)
+    sure_ids = [tok.encode(w, add_special_tokens=False) for w in (" sure", " unsure")]
+    scorer = PrefixScorer(tiny_lm.model, tok.pad_token_id)
+    recs = []
+    for fast in (False, True):
+        dec = GreedyDecoder(tiny_lm.model, tok.pad_token_id, stop_token_ids(tiny_lm))
+        dec.fast = fast
+        recs.append(_batch_records(tiny_lm, dec, scorer, [samples[i] for i in idx], [prompts[i] for i in idx],
+                                   [seqs[i] for i in idx], batch.prefix_len, cands, sure_ids, 6, chat, True))
+    for a, b in zip(*recs):
+        assert a["reply"] == b["reply"] and a["pred"] == b["pred"]
+        assert a["letter_probs"] == pytest.approx(b["letter_probs"], abs=1e-5)
+        assert a["sure_prob"] == pytest.approx(b["sure_prob"], abs=1e-4)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 
-from kb.config import add_common_args, parse_with_config
+from kb.config import add_common_args, default_batch_size, parse_with_config
 from kb.distributed import setup as setup_dist
 from kb.errors import cli_main
 from kb.locks import lock_output, rank_path
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     dist = setup_dist()  # torchrun / accelerate launch: one rank per GPU, see kb/distributed.py
     lm = load_model(args.model, dist.device(args.device), args.dtype, args.adapter, args.trust_remote_code,
                     revision=args.revision)
+    args.batch_size = default_batch_size(args.batch_size, lm.device)
     settings = settings_from_args(args, lm.tokenizer)
     run_state_query(settings, lm, repo_path(args.output_dir) / lm.label, repo_path(args.results_dir) / lm.label,
                     f"state_{settings.name()}", restart=args.restart, max_batch_tokens=args.max_batch_tokens,

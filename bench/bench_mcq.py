@@ -273,6 +273,15 @@ def main() -> None:
     must = ours["prefix_tokens"] + ours["suffix_tokens"]
     flops = 2 * body * must + 2 * hidden * sub.model.config.vocab_size * n
     limit_s = flops / peak
+    # Memory-traffic limit: the weights once per pass kb makes, every token's keys/values written and read once.
+    cfg = sub.model.config
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // cfg.num_attention_heads
+    itemsize = next(sub.model.parameters()).element_size()
+    weights = sum(p.numel() * p.element_size() for p in sub.model.parameters())
+    traffic = ours["batches"] * weights + 2 * must * cfg.num_hidden_layers * 2 * kv_heads * head_dim * itemsize
+    bw = common.peak_bandwidth(args.device)
+    mem_limit_s = traffic / bw if bw == bw else None
     fp32 = None
     prof = profile(sub, prompts, groups, args) if args.profile else None
     if prof:
@@ -308,6 +317,10 @@ def main() -> None:
     print(f"FLOP limit: 2 x {body / 1e9:.3f}B body params x {must:,} tokens (+ LM head at {n:,} positions) = "
           f"{flops / 1e15:.2f} PFLOP at measured peak {peak / 1e12:.1f} TFLOP/s = {limit_s:.2f} s; "
           f"kb takes {t_ours / limit_s:.2f}x that ({100 * limit_s / t_ours:.0f}% of the limit)")
+    if mem_limit_s:
+        print(f"memory-traffic limit: weights {weights / 1e9:.1f} GB x {ours['batches']} passes + keys/values "
+              f"written and read once = {traffic / 1e12:.2f} TB at measured {bw / 1e12:.2f} TB/s = {mem_limit_s:.2f} s; "
+              f"kb takes {t_ours / mem_limit_s:.2f}x that")
     if fp32:
         print(f"fp32 recheck (kb vs R-Tuning loop, {fp32['n']} questions): {fp32['argmax_identical']} argmax identical, "
               f"max |dCor| {fp32['max_abs_dcor']:.2e}")
@@ -315,7 +328,8 @@ def main() -> None:
         r.pop("agreement", None)
     common.write_json(args.json, {"args": vars(args), "machine": common.machine(args.device), "versions": common.versions(),
                                   "model": sub.name, "rows": rows, "ablations": ablations, "peak_flops": peak,
-                                  "flop_limit_s": limit_s, "kb": {k: v for k, v in ours.items() if k not in {"probs", "logp", "seqs"}},
+                                  "flop_limit_s": limit_s, "memory_limit_s": mem_limit_s, "bandwidth": bw,
+                                  "kb": {k: v for k, v in ours.items() if k not in {"probs", "logp", "seqs"}},
                                   "fp32_check": fp32, "full_prompt_tokens": full_tokens, "profile": prof})
 
 

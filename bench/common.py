@@ -28,6 +28,10 @@ TOKENIZER_DIR = ROOT / "bench" / "tokenizer"
 RANDOM_INIT = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, max_position_embeddings=4096),
+    # SmolLM2-135M's shape (tied embeddings): the GPU machine has no weights, timing needs only the shape.
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True,
+                         rope_theta=100000.0),
     "llama-tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=4, max_position_embeddings=4096),  # smoke runs of the GPU command
 }
@@ -115,6 +119,25 @@ def peak_flops(device: str, dtype: str) -> float:
             times.append(time.perf_counter() - t)
     times.sort()
     return 2 * n**3 / times[len(times) // 2]
+
+
+def peak_bandwidth(device: str) -> float:
+    """Measured device memory bandwidth (bytes/s): a 2 GiB copy (read + write), median of timed repeats."""
+    if not device.startswith("cuda"):
+        return float("nan")
+    a = torch.empty(2**30, dtype=torch.int16, device=device)
+    b = torch.empty_like(a)
+    times = []
+    for i in range(13):
+        sync(device)
+        t = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    times.sort()
+    del a, b
+    return 2 * 2**31 / times[len(times) // 2]
 
 
 def body_params(model: Any) -> int:

@@ -129,7 +129,20 @@ def add_common_args(parser: argparse.ArgumentParser, *, model: bool = True, quer
     if not queries:
         return
     parser.add_argument("--limit", type=int, default=None, help="use N questions (a seeded random subset)")
-    parser.add_argument("--batch-size", type=int, default=16, help="max questions per forward pass")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="max questions per forward pass (default: 16 on CPU; on a GPU 4096, so that the token "
+                             "budget sized from free memory sets the batch)")
     parser.add_argument("--max-batch-tokens", type=int, default=None,
                         help="token budget per forward pass (default: sized from free memory)")
     parser.add_argument("--restart", action="store_true", help="discard existing records instead of resuming")
+
+
+CPU_BATCH_SIZE = 16
+GPU_BATCH_SIZE = 4096  # on a GPU the memory-sized token budget (kb.engine.auto_token_budget) is the real cap
+
+
+def default_batch_size(requested: int | None, device: Any) -> int:
+    """--batch-size when not given: 16 on CPU (as before), large on a GPU (the token budget decides)."""
+    if requested:
+        return requested
+    return GPU_BATCH_SIZE if str(device).startswith("cuda") else CPU_BATCH_SIZE

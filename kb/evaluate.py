@@ -31,7 +31,9 @@ from tqdm import tqdm
 
 from kb import bootstrap, metrics
 from kb.answers import classify_reply, cut_at_period, rtuning_answer_part, rtuning_verdict
+from kb.config import default_batch_size
 from kb.data import LETTERS, Sample, dataset_spec, display_name, load_split, should_abstain, subset
+from kb.decode import decoder_for, use_decoder
 from kb.engine import PrefixScorer, auto_token_budget, letter_candidates, letter_probs, plan_batches
 from kb.errors import KbError
 from kb.finetune import read_base_info
@@ -173,6 +175,7 @@ def evaluate_set(lm: LoadedModel, label: str, method: str, tuned: bool, dataset:
     fmt = PromptFormat(template, 0, chat)
     fmt.check()
     max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[kind]
+    args.batch_size = default_batch_size(args.batch_size, lm.device)  # before the meta records it
     row = row_name(method, template, kind)
     rec_path, sum_path, meta_path = eval_paths(args.results_dir, label, method, dataset, split, template)
 
@@ -295,6 +298,9 @@ class GreedyDecoder:
         self.device = next(model.parameters()).device
         self._key: tuple[int, ...] | None = None
         self._cache: Any = None
+        # GPU: replies and the first step's log-probs from kb.decode (captured step); the sure-probe then
+        # takes PrefixScorer's pass instead of the kept prompt cache. CPU keeps the path below.
+        self.fast = use_decoder(model)
 
     def _prefix(self, ids: list[int], rows: int) -> Any:
         key = tuple(ids)
@@ -310,7 +316,16 @@ class GreedyDecoder:
     def decode(self, seqs: list[list[int]], prefix_len: int, max_new: int,
                keep_prompt: bool = False) -> tuple[list[list[int]], torch.Tensor, list[list[float]], Any]:
         """(new token ids per row without stop tokens, first-step log-probs [B, V] on CPU, the reply
-        tokens' log-probs, and the prompt state for probe() when keep_prompt)."""
+        tokens' log-probs, and the prompt state for probe() when keep_prompt; None on the fast path)."""
+        if self.fast:
+            dec = decoder_for(self.model, self.pad_id, self.stop_ids)
+            try:
+                out = dec.run(seqs, max_new, want_logps=True, want_first=True)
+                first_lp = dec.first_logprobs
+            finally:
+                dec.release()
+            assert first_lp is not None
+            return [r[0].tokens for r in out], first_lp, [list(r[0].logps or []) for r in out], None
         b = len(seqs)
         suffixes = [s[prefix_len:] for s in seqs]
         width = max(len(x) for x in suffixes)
@@ -460,7 +475,8 @@ def _add_sure_probs(lm: LoadedModel, decoder: GreedyDecoder, state: Any, scorer:
     answers = [r["pred"] if "pred" in r else r["answer"] for r in recs]
     texts = [p + join_answer(p, a) + a + "." + sure_probe_suffix() for p, a in zip(prompts, answers)]
     probe = encode(lm.tokenizer, texts, chat)
-    if all(len(c) == 1 for c in sure_ids) and all(len(q) > len(s) and q[:len(s)] == s for q, s in zip(probe, seqs)):
+    if state is not None and all(len(c) == 1 for c in sure_ids) and \
+            all(len(q) > len(s) and q[:len(s)] == s for q, s in zip(probe, seqs)):
         lp = decoder.probe(state, [q[len(s):] for q, s in zip(probe, seqs)], [c[0] for c in sure_ids]).numpy()
     else:
         p = prefix_len if prefix_len and all(q[:prefix_len] == s[:prefix_len] for q, s in zip(probe, seqs)) else 0

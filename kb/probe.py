@@ -17,7 +17,9 @@ import numpy as np
 from tqdm import tqdm
 
 from kb.answers import cut_at_period, open_correct
+from kb.config import default_batch_size
 from kb.data import LETTERS, Sample, dataset_spec, display_name, load_split, shots_for, subset
+from kb.decode import decode_texts, question_key, use_decoder
 from kb.distributed import ShardedLog, shard
 from kb.distributed import setup as setup_dist
 from kb.engine import (
@@ -91,6 +93,7 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
     lm = load_model(args.model, dist.device(args.device), args.dtype, args.adapter, args.trust_remote_code,
                     revision=args.revision)
     tok = lm.tokenizer
+    args.batch_size = default_batch_size(args.batch_size, lm.device)
     chat = resolve_chat(args.chat_template, tok)
     fmt = PromptFormat(template, args.shots, chat)
     prompts = {s.id: render(s, fmt, shots[s.group], tok) for s in samples}
@@ -131,7 +134,8 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
                 recs = _mcq_records(scorer, batch, bseqs, b.prefix_len, cands, args.seed, sample_uncertain,
                                     logp=next(scored)[0])  # type: ignore[arg-type]
             else:
-                recs = _open_records(lm, batch, bseqs, max_new_tokens, batch_seed(args.seed, b), sample_uncertain)
+                recs = _open_records(lm, batch, bseqs, max_new_tokens, batch_seed(args.seed, b), sample_uncertain,
+                                     run_seed=args.seed)
             for r in recs:
                 if r["id"] not in log:
                     log.append(r)
@@ -180,10 +184,17 @@ def _mcq_records(scorer: PrefixScorer, batch: list[Sample], seqs: list[list[int]
 
 
 def _open_records(lm: LoadedModel, batch: list[Sample], seqs: list[list[int]], max_new_tokens: int, seed: int,
-                  sample_uncertain: bool) -> list[dict[str, Any]]:
-    texts, logps = generate(lm.model, lm.tokenizer, seqs, max_new_tokens, want_scores=True)
-    samples = None
-    if sample_uncertain:
+                  sample_uncertain: bool, run_seed: int = 0) -> list[dict[str, Any]]:
+    if use_decoder(lm.model):  # GPU: kb.decode (captured decoding step, samples keyed by question)
+        texts, logps = decode_texts(lm.model, lm.tokenizer, seqs, max_new_tokens, want_scores=True)
+        samples = None
+        if sample_uncertain:
+            samples, _ = decode_texts(lm.model, lm.tokenizer, seqs, max_new_tokens, n=UNCERTAIN_SAMPLES,
+                                      temperature=UNCERTAIN_TEMPERATURE, keys=[question_key(run_seed, s.id) for s in batch])
+    else:
+        texts, logps = generate(lm.model, lm.tokenizer, seqs, max_new_tokens, want_scores=True)
+        samples = None
+    if sample_uncertain and samples is None:
         samples, _ = generate(lm.model, lm.tokenizer, seqs, max_new_tokens, do_sample=True,
                               temperature=UNCERTAIN_TEMPERATURE, num_return_sequences=UNCERTAIN_SAMPLES, seed=seed)
     out = []

@@ -23,7 +23,9 @@ import numpy as np
 from tqdm import tqdm
 
 from kb.answers import cut_at_period, normalise, open_correct
+from kb.config import CPU_BATCH_SIZE
 from kb.data import LETTERS, Sample, dataset_spec, load_split, shots_for, subset
+from kb.decode import decode_texts, question_key, use_decoder
 from kb.distributed import Dist, ShardedLog, shard
 from kb.engine import PrefixScorer, batch_seed, generate, letter_candidates, letter_probs, plan_batches
 from kb.errors import KbError
@@ -128,7 +130,7 @@ def settings_from_args(args: argparse.Namespace, tokenizer: Any) -> QuerySetting
     shot_check(PromptFormat(template, shots, chat))
     return QuerySettings(dataset=dataset_spec(args.dataset).name, split=args.split, limit=args.limit, seed=args.seed,
                          template=template, shots=shots, chat=chat, mcq_cer=args.mcq_cer,
-                         batch_size=args.batch_size, rep_dtype=args.rep_dtype, **open_only)
+                         batch_size=args.batch_size or CPU_BATCH_SIZE, rep_dtype=args.rep_dtype, **open_only)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -392,13 +394,22 @@ def _answer_end_criterion(tokenizer: Any, start: int) -> Any:
 
 
 def sample_answers(model: Any, tokenizer: Any, seqs: list[list[int]], n: int, max_new_tokens: int, temperature: float,
-                   seed: int, stop_at_answer_end: bool = True) -> list[list[str]]:
+                   seed: int, stop_at_answer_end: bool = True, keys: list[int] | None = None) -> list[list[str]]:
     """N sampled answers per prompt (engine.generate: the prompt is prefilled once and shared by the N samples).
 
     Rows stop as soon as cut_at_period's answer is fixed, which on CPU saves most of the decoding (a
     small model rambles for the whole token budget). Finished rows keep drawing random numbers (and
     are padded), so the cut answers do not depend on the stop; a test checks that.
+
+    On a GPU (kb.decode.use_decoder) the samples come from kb.decode.Decoder: the step is a CUDA graph, the
+    answer-end stop is checked on the device, and sample k of question q is drawn with noise keyed by
+    (keys[q], k), so it does not depend on the batch (keys default to seed + the row's index).
     """
+    if use_decoder(model):
+        keys = keys if keys is not None else [seed * 1_000_003 + i for i in range(len(seqs))]
+        texts, _ = decode_texts(model, tokenizer, seqs, max_new_tokens, n=n, temperature=temperature, keys=keys,
+                                stop_at_answer_end=stop_at_answer_end)
+        return texts
     from transformers import StoppingCriteriaList
 
     stop = StoppingCriteriaList([_answer_end_criterion(tokenizer, max(len(s) for s in seqs))]) if stop_at_answer_end else None
@@ -411,7 +422,8 @@ def _open_batch(lm: LoadedModel, scorer: PrefixScorer, embedder: Any, batch: lis
                 settings: QuerySettings, seed: int) -> tuple[list[dict[str, Any]], Any]:
     _, hid = scorer.score(seqs, 0, [0], want_hidden=True)
     n = settings.n_samples
-    texts = sample_answers(lm.model, lm.tokenizer, seqs, n, settings.max_new_tokens, settings.temperature, seed)
+    texts = sample_answers(lm.model, lm.tokenizer, seqs, n, settings.max_new_tokens, settings.temperature, seed,
+                           keys=[question_key(settings.seed, s.id) for s in batch])
     answers = [[cut_at_period(t) for t in row] for row in texts]
     emb = embedder.encode([a for row in answers for a in row], batch_size=64, convert_to_numpy=True,
                           show_progress_bar=False)

@@ -1,0 +1,149 @@
+"""kb.decode.Decoder on CPU with a tiny model: greedy = one-at-a-time generate, samples = a reference sampler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kb.decode import Decoder, StopRule, pick, row_key
+from kb.testing import tiny_model, tiny_tokenizer
+
+PROMPTS = ["Question: What is the capital of France? Answer:", "I am sure.", "A. B. C. D. Answer: A",
+           "There is a single choice question about history.", "Are you sure you accurately answered",
+           "I don't know.", "The following are multiple choice questions (with answers) about science."]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = tiny_tokenizer()
+    model = tiny_model(vocab_size=len(tok), seed=3)
+    seqs = [tok(p)["input_ids"] for p in PROMPTS]
+    return tok, model, seqs
+
+
+@torch.inference_mode()
+def _greedy_one(model, seq, max_new, stops):
+    out = model.generate(input_ids=torch.tensor([seq]), max_new_tokens=max_new, do_sample=False, eos_token_id=stops,
+                         pad_token_id=0, temperature=None, top_k=None, top_p=None)
+    new = out[0, len(seq):].tolist()
+    for i, t in enumerate(new):
+        if t in stops:
+            return new[:i]
+    return new
+
+
+@torch.inference_mode()
+def _reference_sample(model, seq, max_new, key, temperature, stops, rule=None, tok=None):
+    """Full forward of prompt + tokens so far at every step, the same counter-based noise."""
+    from kb.state import answer_ended
+
+    ids = list(seq)
+    new: list[int] = []
+    for t in range(max_new):
+        logits = model(input_ids=torch.tensor([ids])).logits[:, -1]
+        nxt, _ = pick(logits, torch.tensor([key]), torch.tensor([t]), temperature, False)
+        x = int(nxt[0])
+        if x in stops:
+            break
+        new.append(x)
+        ids.append(x)
+        if rule and answer_ended(tok.decode(new, skip_special_tokens=True)):
+            break
+    return new
+
+
+def test_greedy_matches_generate_with_refill(setup):
+    tok, model, seqs = setup
+    ref_free = [_greedy_one(model, s, 12, [2]) for s in seqs]
+    # A stop token that greedy decoding reaches mid-way in some replies: early stops and slot refills.
+    stop = next(r[3] for r in ref_free if len(r) > 3)
+    stops = [2, stop]
+    ref = [_greedy_one(model, s, 12, stops) for s in seqs]
+    assert any(len(r) < 12 for r in ref) and any(len(r) == 12 for r in ref)
+    dec = Decoder(model, 0, stops, slots=2)
+    out = dec.run(seqs, 12, want_logps=True)
+    assert [o[0].tokens for o in out] == ref
+    assert dec.stats["admissions"] > 1
+    # log-probs are those of the greedy tokens
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=torch.tensor([seqs[0] + ref[0]])).logits[0].float(), -1)
+    want = [float(lp[len(seqs[0]) - 1 + i, t]) for i, t in enumerate(ref[0])]
+    assert out[0][0].logps == pytest.approx(want, abs=1e-4)
+
+
+def test_samples_match_reference_sampler_and_ignore_batch_composition(setup):
+    tok, model, seqs = setup
+    keys = [1000 + 7 * q for q in range(len(seqs))]
+    n, mx = 3, 10
+    dec = Decoder(model, 0, [2], slots=3)
+    out = dec.run(seqs, mx, n=n, temperature=0.8, keys=keys)
+    for q, s in enumerate(seqs):
+        for k in range(n):
+            assert out[q][k].tokens == _reference_sample(model, s, mx, row_key(keys[q], k), 0.8, [2]), (q, k)
+    assert len({tuple(o.tokens) for o in out[0]}) > 1  # the N samples differ
+    # Another batch composition, another slot count: the same samples per question.
+    order = [5, 2, 0]
+    again = Decoder(model, 0, [2], slots=1).run([seqs[i] for i in order], mx, n=n, temperature=0.8,
+                                               keys=[keys[i] for i in order])
+    assert [[r.tokens for r in again[j]] for j in range(3)] == [[r.tokens for r in out[i]] for i in order]
+
+
+def test_answer_end_rule_on_device(setup):
+    tok, model, seqs = setup
+    rule = StopRule.answer_end(tok, model.get_output_embeddings().weight.shape[0])
+    keys = list(range(len(seqs)))
+    out = Decoder(model, 0, [2], slots=2).run(seqs, 16, n=4, temperature=1.0, keys=keys, stop_rule=rule)
+    stopped = 0
+    for q, s in enumerate(seqs):
+        for k in range(4):
+            ref = _reference_sample(model, s, 16, row_key(keys[q], k), 1.0, [2], rule=True, tok=tok)
+            assert out[q][k].tokens == ref, (q, k)
+            stopped += len(ref) < 16
+    assert stopped > 0
+
+
+def test_stage_sampling_through_the_decoder_is_keyed_by_question(setup, monkeypatch):
+    """kb.state.sample_answers on the decoder path (forced on CPU): a question's samples do not depend on its batch,
+    and the on-device answer-end stop leaves the cut answers as the full-length samples give them."""
+    import kb.state as state
+    from kb.answers import cut_at_period
+
+    tok, model, seqs = setup
+    monkeypatch.setattr(state, "use_decoder", lambda m: True)
+    keys = [11, 22, 33, 44]
+    both = state.sample_answers(model, tok, seqs[:4], 3, 12, 1.0, seed=0, keys=keys)
+    alone = state.sample_answers(model, tok, seqs[2:3], 3, 12, 1.0, seed=5, keys=keys[2:3])
+    assert alone[0] == both[2]
+    full = state.sample_answers(model, tok, seqs[:4], 3, 12, 1.0, seed=0, keys=keys, stop_at_answer_end=False)
+    assert [[cut_at_period(t) for t in r] for r in both] == [[cut_at_period(t) for t in r] for r in full]
+
+
+def test_evaluation_replies_through_the_decoder_match_the_cpu_path(tiny_lm):
+    """GreedyDecoder's GPU path (kb.decode, forced here on CPU): same replies, first-step letter
+    probabilities and p(sure) (then from PrefixScorer's pass) as its CPU path, records compared whole."""
+    from kb.data import load_split, subset
+    from kb.engine import PrefixScorer, letter_candidates, plan_batches
+    from kb.evaluate import GreedyDecoder, _batch_records, stop_token_ids
+    from kb.probe import encode
+    from kb.prompts import PromptFormat, render
+
+    tok = tiny_lm.tokenizer
+    samples = subset(load_split("mmlu", "ID_test"), 6, 3)
+    chat = bool(getattr(tok, "chat_template", None))
+    prompts = [render(s, PromptFormat("mcq_refuse", 0, chat), [], tok) for s in samples]
+    seqs = encode(tok, prompts, chat)
+    batch = plan_batches(seqs, [""] * len(seqs), 16, 1 << 16, extra_tokens=6)[0]
+    idx = list(batch.indices)
+    cands = letter_candidates(tok)
+    sure_ids = [tok.encode(w, add_special_tokens=False) for w in (" sure", " unsure")]
+    scorer = PrefixScorer(tiny_lm.model, tok.pad_token_id)
+    recs = []
+    for fast in (False, True):
+        dec = GreedyDecoder(tiny_lm.model, tok.pad_token_id, stop_token_ids(tiny_lm))
+        dec.fast = fast
+        recs.append(_batch_records(tiny_lm, dec, scorer, [samples[i] for i in idx], [prompts[i] for i in idx],
+                                   [seqs[i] for i in idx], batch.prefix_len, cands, sure_ids, 6, chat, True))
+    for a, b in zip(*recs):
+        assert a["reply"] == b["reply"] and a["pred"] == b["pred"]
+        assert a["letter_probs"] == pytest.approx(b["letter_probs"], abs=1e-5)
+        assert a["sure_prob"] == pytest.approx(b["sure_prob"], abs=1e-4)

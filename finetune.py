@@ -20,7 +20,17 @@ import shutil
 
 from kb.config import add_common_args
 from kb.errors import KbError, cli_main
-from kb.finetune import default_output_dir, describe_fields, finetune, parse_overrides, prepare_lmflow, resolve_config, summary_line
+from kb.finetune import (
+    default_output_dir,
+    describe_fields,
+    finetune,
+    finish_lmflow,
+    parse_overrides,
+    prepare_lmflow,
+    resolve_config,
+    summary_line,
+)
+from kb.io import read_json
 from kb.models import resolve_model
 from kb.paths import repo_path
 
@@ -33,9 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-file", required=True, help="LMFlow-format JSON (text_only or text2text)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable; lora.<key> for the LoRA section)")
-    p.add_argument("--lmflow", choices=["args", "prepare"], default=None,
+    p.add_argument("--lmflow", choices=["args", "prepare", "finish"], default=None,
                    help="do not train: print the same run's flags for LMFlow's examples/finetune.py, one per line "
-                        "(prepare: also stage the data folder and kb_base_model.json; used by scripts/lmflow_finetune.sh)")
+                        "(prepare: also stage the data folder and kb_base_model.json; finish: after LMFlow's run, "
+                        "apply keep_checkpoints and write loss.json and kb_finetune.json; used by scripts/lmflow_finetune.sh)")
     # Common flags given a fine-tuning meaning: --limit = max_train_samples, --batch-size = per-device batch.
     p.set_defaults(output_dir=None, batch_size=None, seed=None)
     return p
@@ -54,6 +65,11 @@ def main(argv: list[str] | None = None) -> None:
     _, cfg_name = resolve_config(args.config, overrides, args.seed)  # fail on a bad config before anything loads
     out = repo_path(args.output_dir) if args.output_dir else default_output_dir(
         resolve_model(args.model)[1], cfg_name, args.train_file)
+    if args.lmflow == "finish":
+        meta = read_json(finish_lmflow(out, args.config, seed=args.seed, overrides=overrides) / "kb_finetune.json")
+        print(f"LMFlow run: {meta['steps']} steps, loss {meta['first_loss']} -> {meta['last_loss']}, "
+              f"{meta['train_wall_s']} s -> {out}")
+        return
     if args.lmflow:
         flags = prepare_lmflow(args.train_file, args.config, args.model, out, seed=args.seed, overrides=overrides,
                                write=args.lmflow == "prepare")

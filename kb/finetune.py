@@ -30,7 +30,7 @@ from kb.config import load_yaml
 from kb.errors import KbError
 from kb.io import read_json, write_json
 from kb.lmflow import read_dataset
-from kb.models import text_config
+from kb.models import make_portable, text_config
 from kb.paths import repo_path, slug
 
 # Every key a config must set, with its type and what it means. Missing or unknown keys are errors,
@@ -497,6 +497,7 @@ def finetune(train_file: str | Path, config: str | Path | Mapping[str, Any], mod
     trainer.save_model(str(out))  # rank 0 writes (the Trainer's should_save)
     if proc.is_main_process:
         lm.tokenizer.save_pretrained(str(out))
+        make_portable(out)  # the same dir loads under transformers 4.x (LMFlow's environment)
         write_json(out / BASE_FILE, base_info)
         curve = loss_curve(trainer.state.log_history)
         write_json(out / "loss.json", {**curve, "config_name": cfg_name, "train_file": base_info["train_file"]})
@@ -553,13 +554,58 @@ def summary_line(out: Path) -> str:
 # ---------------------------------------------------------------- LMFlow
 
 
+# How each recipe key reaches LMFlow's examples/finetune.py (LMFlow 1.1 on transformers 4.x: its
+# ModelArguments, DatasetArguments and FinetunerArguments, a TrainingArguments subclass). Every key of
+# FIELDS and LORA_FIELDS is here; a value LMFlow cannot express is an error in lmflow_args(), never a
+# silent drop (tests/test_lmflow_launcher.py checks the table against FIELDS and LMFlow's parser).
+LMFLOW_MAPPING: dict[str, str] = {
+    "tuning": "--use_lora 0|1",
+    "num_train_epochs": "--num_train_epochs",
+    "max_steps": "--max_steps",
+    "learning_rate": "--learning_rate",
+    "lr_scheduler_type": "--lr_scheduler_type",
+    "warmup_steps": "--warmup_steps (int) or --warmup_ratio (float in (0, 1)); the other one 0",
+    "weight_decay": "--weight_decay",
+    "per_device_train_batch_size": "--per_device_train_batch_size",
+    "gradient_accumulation_steps": "--gradient_accumulation_steps",
+    "max_grad_norm": "--max_grad_norm",
+    "optim": "--optim",
+    "adam_beta1": "--adam_beta1",
+    "adam_beta2": "--adam_beta2",
+    "adam_epsilon": "--adam_epsilon",
+    "max_length": "--block_size with --disable_group_texts 1 --truncation_side right (one sample per row, cut at the end)",
+    "max_train_samples": "--max_train_samples N; null: no flag (LMFlow's default, every instance)",
+    "seed": "--seed",
+    "precision": "--bf16 0|1 --fp16 0|1 (weights loaded as --torch_dtype float32, as finetune.py does)",
+    "gradient_checkpointing": "--gradient_checkpointing 0|1",
+    "logging_steps": "--logging_steps",
+    "save_steps": "--save_steps",
+    "save_total_limit": "--save_total_limit",
+    "keep_checkpoints": "the launcher: `finetune.py --lmflow finish` deletes <output_dir>/checkpoint-* when false",
+    "train_sampling_strategy": "--group_by_length 0 (random) | 1 (group_by_length); sequential: error",
+    "lora": "null: --use_lora 0; else the lora.* flags",
+    "lora.r": "--lora_r",
+    "lora.alpha": "--lora_alpha",
+    "lora.dropout": "--lora_dropout",
+    "lora.target_modules": "--lora_target_modules a,b,c (one comma-separated value); 'all-linear': error",
+    "lora.layers": "null only (error otherwise: LMFlow has no per-layer LoRA)",
+    "lora.bias": "none only (error otherwise: LMFlow's LoRA has no bias option)",
+}
+
+
 def lmflow_args(cfg: Mapping[str, Any], model_path: str, dataset_dir: str, output_dir: str, device: str) -> list[str]:
     """The same run as flags for LMFlow's examples/finetune.py; every hyperparameter explicit (LMFlow's
-    own launcher would otherwise train 0.01 epochs)."""
+    own launcher would otherwise train 0.01 epochs). Raises KbError for a value LMFlow cannot express."""
+    keys = set(cfg) | {f"lora.{k}" for k in (cfg.get("lora") or {})}
+    unmapped = sorted(keys - set(LMFLOW_MAPPING))
+    if unmapped:
+        raise KbError(f"no LMFlow flag for recipe key(s) {', '.join(unmapped)}")
+    if cfg["train_sampling_strategy"] == "sequential":
+        raise KbError("LMFlow has no sequential sampler flag; use random or group_by_length for LMFlow")
     precision = resolved_precision(cfg, device)
     args = [
         "--model_name_or_path", model_path, "--dataset_path", dataset_dir, "--output_dir", output_dir,
-        "--overwrite_output_dir", "--do_train",
+        "--overwrite_output_dir", "--do_train", "--torch_dtype", "float32",
         "--num_train_epochs", _num(cfg["num_train_epochs"]), "--max_steps", str(cfg["max_steps"]),
         "--learning_rate", _num(cfg["learning_rate"]), "--lr_scheduler_type", cfg["lr_scheduler_type"],
         *_lmflow_warmup(cfg["warmup_steps"]), "--weight_decay", _num(cfg["weight_decay"]),
@@ -568,23 +614,18 @@ def lmflow_args(cfg: Mapping[str, Any], model_path: str, dataset_dir: str, outpu
         "--max_grad_norm", _num(cfg["max_grad_norm"]), "--optim", cfg["optim"],
         "--adam_beta1", _num(cfg["adam_beta1"]), "--adam_beta2", _num(cfg["adam_beta2"]),
         "--adam_epsilon", _num(cfg["adam_epsilon"]),
-        "--block_size", str(cfg["max_length"]), "--disable_group_texts", "1",
-        "--validation_split_percentage", "0", "--seed", str(cfg["seed"]),
+        "--block_size", str(cfg["max_length"]), "--disable_group_texts", "1", "--truncation_side", "right",
+        "--padding_side", "right", "--validation_split_percentage", "0", "--seed", str(cfg["seed"]),
+        "--bf16", "1" if precision == "bf16" else "0", "--fp16", "1" if precision == "fp16" else "0",
         "--gradient_checkpointing", "1" if cfg["gradient_checkpointing"] else "0",
-        "--logging_steps", str(cfg["logging_steps"]), "--save_steps", str(cfg["save_steps"]),
-        "--save_total_limit", str(cfg["save_total_limit"]), "--report_to", "none",
-        "--dataloader_num_workers", "0",
-        # transformers 4.x (LMFlow's) spells the sampler as two switches
+        "--logging_steps", str(cfg["logging_steps"]), "--logging_first_step", "1",
+        "--save_steps", str(cfg["save_steps"]), "--save_total_limit", str(cfg["save_total_limit"]),
+        "--report_to", "none", "--dataloader_num_workers", "0",
+        # transformers 4.x (LMFlow's) spells the sampler as a switch
         "--group_by_length", "1" if cfg["train_sampling_strategy"] == "group_by_length" else "0",
     ]
-    if cfg["train_sampling_strategy"] == "sequential":
-        raise KbError("LMFlow has no sequential sampler flag; use random or group_by_length for LMFlow")
     if cfg["max_train_samples"] is not None:
         args += ["--max_train_samples", str(cfg["max_train_samples"])]
-    if precision == "bf16":
-        args += ["--bf16"]
-    elif precision == "fp16":
-        args += ["--fp16"]
     if cfg["tuning"] == "lora":
         lora = cfg["lora"]
         targets = lora["target_modules"] if isinstance(lora["target_modules"], list) else [lora["target_modules"]]
@@ -592,8 +633,11 @@ def lmflow_args(cfg: Mapping[str, Any], model_path: str, dataset_dir: str, outpu
             raise KbError("LMFlow has no flag for LoRA on a subset of layers (lora.layers); set it to null for LMFlow")
         if lora["bias"] != "none":
             raise KbError("LMFlow's LoRA has no bias option; set lora.bias to none for LMFlow")
+        if targets == ["all-linear"]:
+            raise KbError("LMFlow passes lora.target_modules as a list of names, so 'all-linear' is not expressible; "
+                          "list the modules")
         args += ["--use_lora", "1", "--lora_r", str(lora["r"]), "--lora_alpha", _num(lora["alpha"]),
-                 "--lora_dropout", _num(lora["dropout"]), "--lora_target_modules", *targets,
+                 "--lora_dropout", _num(lora["dropout"]), "--lora_target_modules", ",".join(targets),
                  "--save_aggregated_lora", "0"]
     else:
         args += ["--use_lora", "0"]
@@ -627,6 +671,33 @@ def prepare_lmflow(train_file: str | Path, config: str | Path | Mapping[str, Any
                                      "train_file": str(repo_path(train_file)), "trainer": "LMFlow examples/finetune.py"})
         write_text_yaml(out / "config.yaml", cfg, f"resolved fine-tuning config ({cfg_name}), trained with LMFlow")
     return args
+
+
+def finish_lmflow(output_dir: str | Path, config: str | Path | Mapping[str, Any], *, seed: int | None = None,
+                  overrides: Mapping[str, Any] | None = None) -> Path:
+    """After LMFlow's run: apply keep_checkpoints, make the saved model load under both transformers
+    majors (make_portable), and write loss.json / loss.png / kb_finetune.json from LMFlow's
+    trainer_state.json, the files a finetune.py run leaves."""
+    cfg, cfg_name = resolve_config(config, overrides, seed)
+    out = repo_path(output_dir)
+    if not (out / BASE_FILE).is_file() or not (out / "trainer_state.json").is_file():
+        raise KbError(f"{out}: not a finished LMFlow run of scripts/lmflow_finetune.sh (no {BASE_FILE} / trainer_state.json)")
+    if not cfg["keep_checkpoints"]:
+        for ckpt in sorted(out.glob("checkpoint-*")):
+            shutil.rmtree(ckpt)
+    make_portable(out)
+    state = read_json(out / "trainer_state.json")
+    curve = loss_curve(state.get("log_history", []))
+    info = read_json(out / BASE_FILE)
+    write_json(out / "loss.json", {**curve, "config_name": cfg_name, "train_file": info.get("train_file")})
+    plot_loss(curve, out / "loss.png", f"{info.get('base_label')} | {cfg_name} | LMFlow\n{Path(info.get('train_file', '')).name}")
+    results = read_json(out / "train_results.json") if (out / "train_results.json").is_file() else {}
+    write_json(out / META_FILE, {"status": "complete", "trainer": "LMFlow", "config_name": cfg_name,
+                                 "steps": int(state.get("global_step", 0)),
+                                 "train_wall_s": results.get("train_runtime"), "train_loss": results.get("train_loss"),
+                                 "first_loss": curve["loss"][0] if curve["loss"] else None,
+                                 "last_loss": curve["loss"][-1] if curve["loss"] else None})
+    return out
 
 
 def _lmflow_warmup(w: float | int) -> list[str]:

@@ -146,6 +146,78 @@ def weights_fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+# Tokenizer classes that transformers 5 writes and transformers 4.x does not define -> the 4.x class that
+# loads the same tokenizer.json (in transformers 5 these are aliases of the same class).
+V4_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def _v4_rope_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """transformers 5 keeps RoPE settings in `rope_parameters`; 4.x reads `rope_theta` / `rope_scaling`
+    (and Gemma 3's `rope_local_base_freq`) and, without them, silently uses its class defaults (Llama:
+    theta 1e4, where SmolLM2 needs 1e5). The 4.x fields for the same RoPE; transformers 5 reads either."""
+    rp = cfg.get("rope_parameters")
+    if not isinstance(rp, dict):
+        return {}
+    out: dict[str, Any] = {}
+    if "full_attention" in rp or "sliding_attention" in rp:  # per layer type (Gemma 3)
+        full = rp.get("full_attention") or {}
+        local = rp.get("sliding_attention") or {}
+        if "rope_theta" in local:
+            out["rope_local_base_freq"] = local["rope_theta"]
+        rp = full
+    if "rope_theta" in rp:
+        out["rope_theta"] = rp["rope_theta"]
+    if rp.get("rope_type", "default") != "default":
+        out["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+    return out
+
+
+def make_portable(path: str | os.PathLike[str]) -> list[str]:
+    """Make a checkpoint (or adapter) dir saved by transformers 5 load under transformers 4.x too, so
+    one dir serves kb and LMFlow (which needs transformers < 5): the tokenizer class gets its 4.x name,
+    a list of extra special tokens its 4.x key, and config.json the 4.x RoPE fields next to
+    `rope_parameters`. Only adds or renames fields that transformers 5 reads the same way; idempotent.
+    Returns what it changed ("file: field")."""
+    path = Path(path)
+    changed: list[str] = []
+    tok_file = path / "tokenizer_config.json"
+    if tok_file.is_file():
+        tok = json.loads(tok_file.read_text())
+        cls = tok.get("tokenizer_class")
+        if cls in V4_TOKENIZER_CLASS:
+            tok["tokenizer_class"] = V4_TOKENIZER_CLASS[cls]
+            changed.append("tokenizer_config.json: tokenizer_class")
+        extra = tok.get("extra_special_tokens")
+        if isinstance(extra, list):  # 4.x expects a {name: token} dict there, a list under this key
+            del tok["extra_special_tokens"]
+            merged = list(tok.get("additional_special_tokens") or [])
+            tok["additional_special_tokens"] = merged + [t for t in extra if t not in merged]
+            changed.append("tokenizer_config.json: extra_special_tokens")
+        if changed:
+            _write_json_atomic(tok_file, tok)
+    cfg_file = path / "config.json"
+    if cfg_file.is_file():
+        cfg = json.loads(cfg_file.read_text())
+        fix = False
+        for sub in (cfg, cfg.get("text_config")):
+            if not isinstance(sub, dict):
+                continue
+            for key, value in _v4_rope_fields(sub).items():
+                if key not in sub:
+                    sub[key] = value
+                    changed.append(f"config.json: {key}")
+                    fix = True
+        if fix:
+            _write_json_atomic(cfg_file, cfg)
+    return changed
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF file into a plain float32 checkpoint dir (once; reused afterwards)."""
     import torch
@@ -154,6 +226,7 @@ def convert_gguf(gguf: Path) -> Path:
     digest = _file_digest(gguf)[:12]
     out = cache_dir() / "models" / f"{slug(gguf.name)}-{digest}"
     if (out / "config.json").exists() and (out / ".complete").exists():
+        make_portable(out)  # a cache written before the transformers-4 fields were added
         return out
     kwargs = {"gguf_file": gguf.name}
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
@@ -174,6 +247,7 @@ def convert_gguf(gguf: Path) -> Path:
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")  # per process: ranks of a multi-GPU launch may race
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    make_portable(tmp)
     (tmp / ".complete").write_text(str(gguf))
     if out.exists() and not (out / ".complete").exists():
         shutil.rmtree(out, ignore_errors=True)

@@ -6,11 +6,9 @@
 # defaults: its scripts/run_finetune.sh trains 0.01 epochs; R-Tuning's setting (configs/
 # finetune_rtuning.yaml) is 1 epoch, lr 2e-5, batch 4, full fine-tuning.
 #
-# Install LMFlow once, in its own environment (the PyPI package `lmflow` is an empty placeholder):
-#   git clone https://github.com/OptimalScale/LMFlow.git && cd LMFlow
-#   conda create -n lmflow python=3.9 -y && conda activate lmflow
-#   pip install -e .
-#   export LMFLOW_DIR=$PWD LMFLOW_PYTHON=$(command -v python)
+# Install LMFlow once, in its own environment (transformers < 5; see README "LMFlow"):
+#   git clone https://github.com/OptimalScale/LMFlow.git /path/LMFlow && scripts/lmflow_setup.sh /path/LMFlow
+#   export LMFLOW_DIR=/path/LMFlow LMFLOW_PYTHON=$PWD/.venv-lmflow/bin/python
 #
 # Usage (from anywhere; paths are relative to the kb repo root):
 #   scripts/lmflow_finetune.sh --config configs/finetune_rtuning.yaml \
@@ -25,9 +23,11 @@
 #   LMFLOW_DEEPSPEED a DeepSpeed JSON passed as --deepspeed (e.g. $LMFLOW_DIR/configs/ds_config_zero3.json)
 #   KB_PYTHON        the Python of this repo (default: .venv/bin/python, else python3)
 #
-# Output: <output-dir> holds LMFlow's model (or LoRA adapter), kb_base_model.json and config.yaml,
-# so `python evaluate.py --model <output-dir>` evaluates it like a finetune.py run. LMFlow itself
-# decides the tokenisation details (e.g. whether an EOS token ends each sample).
+# Output: <output-dir> holds LMFlow's model (or LoRA adapter), kb_base_model.json, config.yaml and, as
+# from finetune.py, loss.json / loss.png / kb_finetune.json (`finetune.py --lmflow finish`), so
+# `python evaluate.py --model <output-dir>` evaluates it like a finetune.py run. LMFlow itself decides
+# the tokenisation details: a text2text sample gets no EOS token (finetune.py appends one), and every
+# sample is padded to max_length (--block_size).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,7 +37,7 @@ fi
 
 config="" train_file="" model="smollm2-135m" output_dir="" dry_run=0
 sets=()
-usage() { sed -n '15,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '13,17p' "$0" | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --config) config="$2"; shift 2 ;;
@@ -73,9 +73,10 @@ if [[ "$dry_run" == 1 ]]; then
   exit 0
 fi
 if [[ -z "${LMFLOW_DIR:-}" || ! -f "$LMFLOW_DIR/examples/finetune.py" ]]; then
-  echo "error: set LMFLOW_DIR to an LMFlow clone (git clone https://github.com/OptimalScale/LMFlow.git; pip install -e .)" >&2
+  echo "error: set LMFLOW_DIR to an LMFlow clone (and LMFLOW_PYTHON to its environment: scripts/lmflow_setup.sh)" >&2
   exit 2
 fi
-cd "$LMFLOW_DIR"
-"${launcher[@]}" examples/finetune.py "${flags[@]}"
+(cd "$LMFLOW_DIR" && "${launcher[@]}" examples/finetune.py "${flags[@]}")
+(cd "$REPO" && "$KB_PYTHON" finetune.py --lmflow finish --config "$config" --train-file "$train_file" \
+  --model "$model" --output-dir "$output_dir" ${sets[@]+"${sets[@]}"})
 echo "LMFlow run finished -> $output_dir (evaluate with: python evaluate.py --model $output_dir)"

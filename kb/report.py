@@ -507,10 +507,13 @@ def fig_flow_density(panels: list[tuple[str, dict[str, dict[str, float]]]]) -> A
     return fig
 
 
+MARKERS = "osD^vP<>Xph"  # one marker shape per method in a panel, so coinciding points stay distinguishable
+
+
 def fig_plane(panels: list[tuple[str, list[dict[str, Any]]]]) -> Any:
     """Per panel (model x test set) two axes: the (W, Pc) plane with interval whiskers and numbered points
     (names in the legend, so labels never overlap), and THS per method with its interval."""
-    fig, axes = _grid(2 * len(panels), 4.6, 4.2, max_cols=2)
+    fig, axes = _grid(2 * len(panels), 4.6, 5.0, max_cols=2)
     for k, (title, rows) in enumerate(panels):
         ax, ax2 = axes[2 * k], axes[2 * k + 1]
         wrong = [r["Pw"] + r["P_fail"] for r in rows]
@@ -522,15 +525,15 @@ def fig_plane(panels: list[tuple[str, list[dict[str, Any]]]]) -> Any:
         for i, (r, w) in enumerate(zip(rows, wrong), start=1):
             ci = r["ci"]
             pc_err = np.array([[r["Pc"] - ci["Pc"][0]], [ci["Pc"][1] - r["Pc"]]]) if ci.get("Pc") else None
-            ax.errorbar([w], [r["Pc"]], yerr=pc_err, fmt="*" if is_initial(r["method"]) else "o", ms=7, capsize=2,
-                        lw=0.8, label=f"{i} {r['method']}", zorder=3)
-            ax.annotate(str(i), (w, r["Pc"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+            ax.errorbar([w], [r["Pc"]], yerr=pc_err, fmt=MARKERS[(i - 1) % len(MARKERS)] if not is_initial(r["method"])
+                        else "*", ms=7, capsize=2, lw=0.8, label=r["method"], zorder=3, alpha=0.85)
         ax.set_xlim(0, top)
         ax.set_ylim(0, top)
         ax.set_xlabel("W = Pw + P_fail: answered wrongly or unparseably (%)")
         ax.set_ylabel("Pc: answered correctly (%)")
         ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=6, loc="upper right")
+        # names in a legend below the axes: points may coincide, their labels never overlap
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
         tuned = [r for r in rows if not is_initial(r["method"]) and r["THS"] is not None]
         ys = np.arange(len(tuned))
         for y, r in zip(ys, tuned):
@@ -845,9 +848,12 @@ def _section_methods(rep: Report, data: list[ModelData]) -> None:
     for md in data:
         for test in sorted({r["test_set"] for r in rows if r["model"] == md.name}):
             sub = [r for r in rows if r["model"] == md.name and r["test_set"] == test]
-            panels.append((f"{md.name}: {test}", sub))
-    rep.fig(fig_plane(panels), "ths_plane", "Left of each pair: the (W, Pc) plane, W = Pw + P_fail, one numbered point "
-            "per method with 95% interval whiskers (star: the initial model); the dashed line through the initial "
+            if any(not is_initial(r["method"]) for r in sub):  # a panel compares methods with M0
+                panels.append((f"{md.name}: {test}", sub))
+    if not panels:
+        return
+    rep.fig(fig_plane(panels), "ths_plane", "Left of each pair: the (W, Pc) plane, W = Pw + P_fail, one point "
+            "per method with 95% interval whiskers on Pc (star: the initial model); the dashed line through the initial "
             "model is THS = 0. Right: THS per method against the initial model on that method's own questions, with "
             "its paired 95% interval; an interval clear of 0 is a change beyond sampling noise.")
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from kb.engine import _decoder, text_config
+from kb.engine import _decoder, plain_attention_model, text_config
 
 DECODE_ATTN = "kb_decode"
 SUPPORTED_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -36,18 +36,7 @@ _MASK64 = (1 << 64) - 1
 
 def decoder_supported(model: Any) -> bool:
     """Whether Decoder computes exactly this model's function."""
-    cfg = model.config
-    if getattr(cfg, "model_type", None) not in SUPPORTED_TYPES:
-        return False
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "attn_logit_softcapping", None):
-        return False
-    sliding = cfg.use_sliding_window if hasattr(cfg, "use_sliding_window") else getattr(cfg, "sliding_window", None)
-    if sliding or any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []):
-        return False
-    if getattr(cfg, "_attn_implementation", None) not in ("sdpa", "eager", None):
-        return False
-    dec = _decoder(model)
-    return hasattr(dec, "layers") and hasattr(dec, "rotary_emb") and model.get_output_embeddings() is not None
+    return plain_attention_model(model, SUPPORTED_TYPES) and hasattr(_decoder(model), "rotary_emb")
 
 
 def use_decoder(model: Any) -> bool:

@@ -276,8 +276,15 @@ def _register_cascade() -> None:
 
 def cascade_supported(model: Any) -> bool:
     """Whether the cascade path computes exactly this model's function (else the KV-view path is used)."""
+    return plain_attention_model(model, CASCADE_MODEL_TYPES)
+
+
+def plain_attention_model(model: Any, model_types: set[str] | frozenset[str]) -> bool:
+    """A model of one of `model_types` with full causal attention everywhere (no sliding window, no logit
+    softcapping, sdpa or eager attention) and a separate output head: what kb's own attention paths
+    (the cascade scorer, kb.decode) reproduce exactly."""
     cfg = model.config
-    if getattr(cfg, "model_type", None) not in CASCADE_MODEL_TYPES:
+    if getattr(cfg, "model_type", None) not in model_types:
         return False
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "attn_logit_softcapping", None):
         return False

@@ -881,18 +881,19 @@ def _differences(rep: Report, data: list[ModelData]) -> None:
 
 def fig_transfer(panels: list[tuple[str, list[tuple[str, float, float]]]]) -> Any:
     """Per model: one point per method at (false-refusal rate, refusal rate on should-abstain questions)."""
-    fig, axes = _grid(len(panels), 4.8, 4.5)
+    fig, axes = _grid(len(panels), 4.8, 5.3)
     for ax, (title, points) in zip(axes, panels):
         ax.plot([0, 100], [0, 100], "k:", lw=1, label="refuses regardless of the question")
-        for method, x, y in points:
-            ax.scatter([x], [y], s=40, marker="*" if method.startswith("initial") else "o", zorder=3)
-            ax.annotate(method, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        for i, (method, x, y) in enumerate(points):
+            ax.scatter([x], [y], s=40, marker="*" if method.startswith("initial") else MARKERS[i % len(MARKERS)],
+                       zorder=3, alpha=0.85, label=method)
         ax.set_xlim(-3, 103)
         ax.set_ylim(-3, 103)
         ax.set_xlabel("refused, should answer (%): false refusals")
         ax.set_ylabel("refused, should abstain (%)")
         ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
+        # names in a legend below the axes: methods often share a point, their labels never overlap
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from kb.engine import _decoder, plain_attention_model, text_config
+from kb.engine import _decoder, plain_attention_model, register_attention, text_config
 
 DECODE_ATTN = "kb_decode"
 SUPPORTED_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -213,18 +213,6 @@ def _fused_halves(ctx: _StepContext, query: torch.Tensor, qg: torch.Tensor, kp: 
     return out.to(query.dtype).reshape(b, 1, h, d)
 
 
-_REGISTERED = False
-
-
-def _register() -> None:
-    global _REGISTERED
-    if not _REGISTERED:
-        from transformers import AttentionInterface
-
-        AttentionInterface.register(DECODE_ATTN, decode_attention)
-        _REGISTERED = True
-
-
 # ----------------------------------------------------------------------------------------------------
 # The decoder
 
@@ -247,7 +235,7 @@ class Decoder:
                  fused: bool | None = None, compile_pick: bool | None = None) -> None:
         if not decoder_supported(model):
             raise ValueError(f"Decoder does not support model type {model.config.model_type!r}")
-        _register()
+        register_attention(DECODE_ATTN, decode_attention)
         self.model = model
         self.pad_id = pad_id
         self.stop_ids = sorted(set(stop_ids))

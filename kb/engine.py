@@ -262,16 +262,16 @@ def cascade_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value
     return out, None
 
 
-_REGISTERED = False
+_REGISTERED: set[str] = set()
 
 
-def _register_cascade() -> None:
-    global _REGISTERED
-    if not _REGISTERED:
+def register_attention(name: str, fn: Any) -> None:
+    """Make `fn` selectable as attn_implementation `name` in transformers (once per process)."""
+    if name not in _REGISTERED:
         from transformers import AttentionInterface
 
-        AttentionInterface.register(CASCADE, cascade_attention)
-        _REGISTERED = True
+        AttentionInterface.register(name, fn)
+        _REGISTERED.add(name)
 
 
 def cascade_supported(model: Any) -> bool:
@@ -387,7 +387,7 @@ class PrefixScorer:
             raise ValueError(f"cascade attention does not support model type {model.config.model_type!r}")
         self.mode = mode
         if mode == "cascade":
-            _register_cascade()
+            register_attention(CASCADE, cascade_attention)
         self._prefix_key: tuple[int, ...] | None = None
         self._prefix_cache: Any = None
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None

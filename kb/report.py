@@ -813,8 +813,9 @@ def _section_calibration(rep: Report, data: list[ModelData]) -> None:
 def _section_methods(rep: Report, data: list[ModelData]) -> None:
     rep.h(2, "4. Methods: refusal-aware tuning compared")
     rep.p("Pc / Pw / Pr / P_fail: percent of test questions answered correctly / wrongly / refused / unparsable "
-          "(they sum to 100). THS = (Pc·Pw1 − Pw·Pc1)/Pw1 against the initial model (Pc1, Pw1) on the same test set "
-          "(0 for the initial model, 100 for perfect). AP (%): average precision of correctness ranked by "
+          "(they sum to 100). THS = (Pc·W1 − W·Pc1)/W1 with W = Pw + P_fail (an unparseable reply counts as wrong) "
+          "against the initial model (Pc1, W1) on the same questions (0 for the initial model, 100 for perfect). "
+          "AP (%): average precision of correctness ranked by "
           "0.5·answer_conf + 0.5·sure_prob (answer_conf alone when there is no sure_prob). CRSS: the share of the "
           "method's \"I don't know\" training questions with a near-identical vanilla one (docs/method.md §5).")
     rows = [r for md in data for r in method_rows(md)]

@@ -18,7 +18,7 @@ from typing import Any
 
 from kb import metrics
 from kb.data import dataset_spec
-from kb.errors import KbError
+from kb.errors import KbError, data_error
 from kb.evaluate import INITIAL, basic_template, eval_paths, parse_tests, test_name, write_summary
 from kb.io import read_json, read_jsonl, write_json, write_jsonl
 from kb.paths import repo_path
@@ -78,7 +78,14 @@ def _initial_run(args: argparse.Namespace, label: str, dataset: str, split: str)
                       f"--template basic --test {dataset}:{split} first")
     meta = read_json(meta_path)
     records = read_jsonl(rec_path)
-    n = (meta.get("questions") or {}).get("n")
+    for row, r in enumerate(records, start=1):  # what the baseline reads of each record, checked up front
+        for key in ("outcome", "outcome_broad"):
+            if r.get(key) not in metrics.LABELS:
+                raise data_error(rec_path, f"expected one of {', '.join(metrics.LABELS)}, got {r.get(key)!r}", row, key)
+        c = r.get("answer_conf")
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int | float) or not math.isfinite(c)):
+            raise data_error(rec_path, f"expected a number or null, got {c!r}", row, "answer_conf")
+    n = (meta.get("questions") or {}).get("n") if isinstance(meta, dict) else None
     if len(records) != n:
         raise KbError(f"{rec_path}: {len(records)} records for {n} questions; finish that evaluation first")
     return records, meta

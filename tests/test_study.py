@@ -231,3 +231,24 @@ def test_demo_dry_run_commands_parse(track):
     assert tests >= ({"pararel:ID_test", "pararel:OOD_test"} if track == "open" else {"mmlu:ID_test", "mmlu:OOD_test"})
     evaluated = [c[c.index("--method") + 1] for c in cmds if c[1] == "evaluate.py" and "--method" in c]
     assert set(evaluated) == {"rtuning_unsure", "rtuning_unknown", "van", "cor_rait", "corcer_rait", "craft_wo_cer", "craft"}
+
+
+@pytest.mark.parametrize("bad, field", [({"outcome": "maybe"}, "outcome"), ({"answer_conf": "high"}, "answer_conf"),
+                                        ({"outcome_broad": None}, "outcome_broad")])
+def test_threshold_rejects_a_malformed_record_in_one_line(tmp_path, capsys, bad, field):
+    import threshold_baseline
+
+    res = tmp_path / "res"
+    train = [_rec(i, "correct" if i % 2 else "incorrect", 0.1 * i) for i in range(6)]
+    _write_initial(res, "pararel", "ID_train", train)
+    _write_initial(res, "pararel", "ID_test", [_rec(i, "correct", 0.5, "test") for i in range(4)])
+    path = res / "m/eval/initial/ParaRel_ID_train_open_basic.jsonl"
+    lines = path.read_text().splitlines()
+    lines[2] = json.dumps({**json.loads(lines[2]), **bad})
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        threshold_baseline.main(["--model", "m", "--train", "pararel:ID_train", "--test", "pararel:ID_test",
+                                 "--results-dir", str(res)])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and f"row 3: field '{field}'" in err
+    assert not (res / "m/eval/threshold").exists()

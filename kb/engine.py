@@ -57,7 +57,8 @@ def letter_candidates(tokenizer: Any, n: int = len(LETTERS), rule: str = "summed
 
     summed_variants: the single tokens spelling 'A' and ' A' (after a chat header or "Answer: ").
     harness: the one token lm-evaluation-harness scores as the continuation " A" after "Answer:"
-    (the tokens "Answer: A" adds to "Answer:")."""
+    (the tokens "Answer: A" adds to "Answer:"). A tokenizer that spells that continuation with more than
+    one token (Gemma-3's GGUF tokenizer under transformers 5.17 does) gets the summed variants instead."""
     if rule not in ("harness", "summed_variants"):
         raise ValueError(f"unknown letter rule {rule!r}")
     out = []
@@ -69,7 +70,7 @@ def letter_candidates(tokenizer: Any, n: int = len(LETTERS), rule: str = "summed
             if whole[:len(ctx)] == ctx and len(whole) == len(ctx) + 1:
                 ids.append(whole[-1])
             else:
-                raise ValueError(f"tokenizer has no single continuation token for {' ' + letter!r} after 'Answer:'")
+                return letter_candidates(tokenizer, n, "summed_variants")
         else:
             for text in (letter, " " + letter):
                 toks = tokenizer.encode(text, add_special_tokens=False)

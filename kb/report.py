@@ -35,7 +35,7 @@ matplotlib.use("Agg")  # headless: reports are built on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kb import bootstrap, metrics  # noqa: E402
+from kb import bootstrap, findings, metrics  # noqa: E402
 from kb.errors import KbError  # noqa: E402
 from kb.io import read_json, read_jsonl  # noqa: E402
 from kb.metrics import DEFAULT_BINS, ece, reliability_bins  # noqa: E402
@@ -643,6 +643,7 @@ def build_report(training_dir: Path, results_dir: Path, models: Sequence[str] | 
     rep.h(1, "Knowledge-boundary report")
     rep.p(f"Models: {', '.join(names)}. Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from `{shown_path(training_dir)}` and "
           f"`{shown_path(results_dir)}`. Every number below is recomputed from the per-question record files.")
+    _section_answers(rep, results_dir, names)
     _section_summary(rep, data)
     _section_boundary(rep, data)
     _section_state(rep, data)
@@ -650,6 +651,28 @@ def build_report(training_dir: Path, results_dir: Path, models: Sequence[str] | 
     _section_methods(rep, data)
     _section_transfer(rep, data)
     return rep
+
+
+def _section_answers(rep: Report, results_dir: Path, names: Sequence[str]) -> None:
+    """The study's four answers first, when its fine-tunes were repeated over seeds (kb.findings)."""
+    tests = findings.seeded_test_sets(results_dir, names)
+    if not tests:
+        return
+    result = findings.study(results_dir, names, tests)
+    rep.h(2, "The answers")
+    for question, text in findings.answers(result, names):
+        rep.p(f"**{question}**")
+        for line in text.splitlines():
+            rep.p(line)
+    rep.fig(findings.forest_figure(result), "answers_forest",
+            "Head-to-head ΔTHS per model and test set: the seed mean (dot), its 95% bootstrap interval over "
+            "questions (bar) and each seed's difference (grey). Right of 0: the first method is better.")
+    for title, table in (("Methods (means over seeds)", findings.methods_table(result["methods"])),
+                         ("Head-to-head comparisons", findings.comparisons_table(result["comparisons"])),
+                         ("Refusal transfer (SelfAware, FalseQA)", findings.transfer_table(result["transfer"]))):
+        rep.h(3, title)
+        rep.table(*table)
+    rep.p(findings.NOTES)
 
 
 def _section_summary(rep: Report, data: list[ModelData]) -> None:

@@ -15,6 +15,16 @@
 #   TRACK=mcq bash scripts/demo.sh            # the MMLU track
 # Sizes (environment, defaults below): N_PROBE, N_SOURCE, N_TEST, N_ABSTAIN, RT_STEPS, RAIT_STEPS,
 # N_REHEARSAL, N_VAN, N_IDK, MIN_COR, MIN_CER, STATE_TOKENS.
+# Runs (environment):
+#   SEEDS="0 1 2"   repeat every final fine-tune (and its evaluation) once per seed; methods are then filed as
+#                   <method>_seed<S> (results_table.py --seeds pools them). Default: one run, the recipe's seed.
+#   JOBS=N          run N fine-tune + evaluate chains at once (one GPU holds several small models); default 1
+#   RECIPE=FILE     the fine-tuning recipe of the final fine-tunes (default configs/finetune_cpu_demo.yaml)
+#   REHEARSAL_RECIPE=FILE   the rehearsal fine-tune's recipe (default configs/rehearsal_demo_cpu.yaml)
+#   MODEL_FLAGS="--dtype float32"   extra flags for every stage that loads the model
+#   EVAL_FLAGS="--batch-size 256"   extra flags for every evaluation (e.g. a token budget when JOBS > 1)
+#   SETUP=0 PY=python3              use an existing environment instead of creating .venv
+#   PROBES=0        skip step 1 (Task 2.1's MMLU and ParaRel probes; steps 2-4 do not read them)
 # Outputs: training_data/<model>/ (records, training sets), models/<model>/ (adapters),
 # results/<model>/ (summaries, tables), results/report.{md,html}. Every stage resumes: rerun after an interruption.
 # The full-size settings are in configs/ and the per-model launchers scripts/run_<model>.sh.
@@ -28,8 +38,9 @@ for arg in "$@"; do
     *) echo "error: unknown flag $arg (see --help)" >&2; exit 2 ;;
   esac
 done
-((DRY)) || source scripts/setup.sh
-PY=.venv/bin/python
+if ((DRY)); then PY=.venv/bin/python
+elif [[ ${SETUP:-1} == 0 ]]; then PY=${PY:-python3}; export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
+else source scripts/setup.sh; PY=.venv/bin/python; fi
 MODEL=${MODEL:-smollm2-135m}
 TRACK=${TRACK:-open}
 N_PROBE=${N_PROBE:-80}       # questions per Task 2.1 probe (MMLU 0-shot, 5-shot, ParaRel)
@@ -38,7 +49,12 @@ N_TEST=${N_TEST:-100}        # questions per test set (ID test, OOD test), the s
 N_ABSTAIN=${N_ABSTAIN:-20}   # questions per abstention set (SelfAware, FalseQA), the same for every method
 RT_STEPS=${RT_STEPS:-10}     # optimizer steps (of 8 instances) per R-Tuning fine-tune
 RAIT_STEPS=${RAIT_STEPS:-6}  # optimizer steps (of 8 instances) per RAIT fine-tune
-FT=configs/finetune_cpu_demo.yaml
+FT=${RECIPE:-configs/finetune_cpu_demo.yaml}
+REH=${REHEARSAL_RECIPE:-configs/rehearsal_demo_cpu.yaml}
+read -r -a SEED_LIST <<< "${SEEDS:-}"
+JOBS=${JOBS:-1}
+read -r -a MF <<< "${MODEL_FLAGS:-}"
+read -r -a EF <<< "${EVAL_FLAGS:-}"
 case "$TRACK" in
   open) SOURCE_NAME=ParaRel_ID_train_3shot RT_NAME=ParaRel_ID_train_open_refuse
         TESTS=(--test pararel:ID_test --test pararel:OOD_test) TRAIN_TEST=pararel:ID_train
@@ -58,48 +74,72 @@ run() {
 }
 # Two evaluation commands per model: the track's test sets, and the abstention sets (unanswerable and
 # false-premise questions, plus their answerable / valid-premise ones; no AP there).
-evaluate() { run $PY evaluate.py "$@" "${TESTS[@]}" --limit "$N_TEST"
-             run $PY evaluate.py "$@" "${ABSTAIN[@]}" --limit "$N_ABSTAIN" --no-ap; }
+evaluate() { run $PY evaluate.py "$@" "${MF[@]}" "${EF[@]}" "${TESTS[@]}" --limit "$N_TEST"
+             run $PY evaluate.py "$@" "${MF[@]}" "${EF[@]}" "${ABSTAIN[@]}" --limit "$N_ABSTAIN" --no-ap; }
+# One final fine-tune and its evaluations per method and seed: tune_all NAME TRAIN_FILE STEPS [NAME FILE STEPS ...].
+# With JOBS > 1 up to JOBS chains run at once; any failed chain fails the demo (after the others finish).
+tune_one() {  # method train_file steps [seed]
+  local name=$1 out=models/$LABEL/$1_$TRACK
+  local -a seed=()
+  if [[ -n ${4:-} ]]; then name=$1_seed$4 out=models/$LABEL/$1_${TRACK}_seed$4 seed=(--set seed="$4"); fi
+  run $PY finetune.py --model "$MODEL" "${MF[@]}" --config "$FT" --set max_steps="$3" "${seed[@]}" \
+    --output-dir "$out" --train-file "$2"
+  evaluate --model "$out" --method "$name"
+}
+tune_all() {
+  local -a pids=() seeds=("${SEED_LIST[@]}") ; ((${#seeds[@]})) || seeds=("")
+  local failed=0 s pid
+  while (($#)); do
+    for s in "${seeds[@]}"; do
+      if ((DRY || JOBS <= 1)); then tune_one "$1" "$2" "$3" "$s"; continue; fi
+      while (($(jobs -rp | wc -l) >= JOBS)); do wait -n || failed=1; done
+      tune_one "$1" "$2" "$3" "$s" > "models/$LABEL/log_$1${s:+_seed$s}.txt" 2>&1 &
+      pids+=($!)
+    done
+    shift 3
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  ((failed == 0)) || { echo "error: a fine-tune chain failed (see models/$LABEL/log_*.txt)" >&2; exit 1; }
+}
 
+if [[ ${PROBES:-1} != 0 ]]; then
 stamp "1/4 knowledge-boundary probing on $MODEL (R-Tuning Task 2.1)"
-run $PY run_MMLU.py --model "$MODEL" --domain ID --split train --shots 0 --limit "$N_PROBE" --method all
-run $PY run_MMLU.py --model "$MODEL" --domain ID --split train --shots 5 --limit "$N_PROBE" --method all
+run $PY run_MMLU.py --model "$MODEL" "${MF[@]}" --domain ID --split train --shots 0 --limit "$N_PROBE" --method all
+run $PY run_MMLU.py --model "$MODEL" "${MF[@]}" --domain ID --split train --shots 5 --limit "$N_PROBE" --method all
 # (R-Tuning-U's `uncertain` data would sample 5 more answers per question: left out of the demo)
-run $PY run_ParaRel.py --model "$MODEL" --domain ID --split train --limit "$N_PROBE" --method unsure,unknown
+run $PY run_ParaRel.py --model "$MODEL" "${MF[@]}" --domain ID --split train --limit "$N_PROBE" --method unsure,unknown
+fi
 
 stamp "2/4 teach refusal ($TRACK track): R-Tuning data under the REFUSE prompt, the threshold baseline, fine-tune, evaluate"
 # Training data rendered with the evaluation's REFUSE prompt, so tuned models are asked as they were taught.
 if [[ $TRACK == open ]]; then
-  run $PY run_ParaRel.py --model "$MODEL" --domain ID --split train --template open_refuse --limit "$N_SOURCE" --method unsure,unknown
+  run $PY run_ParaRel.py --model "$MODEL" "${MF[@]}" --domain ID --split train --template open_refuse --limit "$N_SOURCE" --method unsure,unknown
 else
-  run $PY run_MMLU.py --model "$MODEL" --domain ID --split train --shots 0 --template mcq_refuse --limit "$N_SOURCE" --method all
+  run $PY run_MMLU.py --model "$MODEL" "${MF[@]}" --domain ID --split train --shots 0 --template mcq_refuse --limit "$N_SOURCE" --method all
 fi
 # The initial model under BASIC: THS's reference on the test sets, and on the training questions the
 # threshold baseline picks its t from (never from test questions).
-run $PY evaluate.py --model "$MODEL" --template basic "${TESTS[@]}" --limit "$N_TEST"
+run $PY evaluate.py --model "$MODEL" "${MF[@]}" "${EF[@]}" --template basic "${TESTS[@]}" --limit "$N_TEST"
 # On the abstention sets M0 is asked both ways: BASIC (what the threshold baseline re-labels) and REFUSE.
-run $PY evaluate.py --model "$MODEL" --template basic,refuse "${ABSTAIN[@]}" --limit "$N_ABSTAIN" --no-ap
-run $PY evaluate.py --model "$MODEL" --template basic --test "$TRAIN_TEST" --limit "$N_SOURCE" --no-ap
+run $PY evaluate.py --model "$MODEL" "${MF[@]}" "${EF[@]}" --template basic,refuse "${ABSTAIN[@]}" --limit "$N_ABSTAIN" --no-ap
+run $PY evaluate.py --model "$MODEL" "${MF[@]}" "${EF[@]}" --template basic --test "$TRAIN_TEST" --limit "$N_SOURCE" --no-ap
 # (the abstention sets are open questions: the threshold applies there on the open track only)
 THRESHOLD_TESTS=("${TESTS[@]}"); [[ $TRACK == open ]] && THRESHOLD_TESTS+=("${ABSTAIN[@]}")
 run $PY threshold_baseline.py --model "$LABEL" --train "$TRAIN_TEST" "${THRESHOLD_TESTS[@]}"
-for method in unsure unknown; do
-  out=models/$LABEL/rtuning_${method}_$TRACK
-  run $PY finetune.py --model "$MODEL" --config "$FT" --set max_steps="$RT_STEPS" --output-dir "$out" \
-    --train-file "training_data/$LABEL/rtuning_${method}_${RT_NAME}_text2text.json"
-  evaluate --model "$out" --method "rtuning_$method"
-done
+((DRY)) || mkdir -p "models/$LABEL"
+tune_all rtuning_unsure "training_data/$LABEL/rtuning_unsure_${RT_NAME}_text2text.json" "$RT_STEPS" \
+         rtuning_unknown "training_data/$LABEL/rtuning_unknown_${RT_NAME}_text2text.json" "$RT_STEPS"
 
 stamp "3/4 avoid over-refusal ($TRACK track): CRaFT's state, flow, RAIT sets and CRSS (Task 2.2.2)"
 if [[ $TRACK == open ]]; then
   # N = 10 answers at T = 1 per question; answers are a few words, so 16 new tokens as in evaluation
   # (the paper: ~50).
-  run $PY query_state.py --model "$MODEL" --dataset pararel --split ID_train --limit "$N_SOURCE" \
+  run $PY query_state.py --model "$MODEL" "${MF[@]}" --dataset pararel --split ID_train --limit "$N_SOURCE" \
     --max-new-tokens "${STATE_TOKENS:-16}"
   # A 135M model is rarely sure of a sampled answer 10 times out of 10 with near-identical wording
   # (the paper's Cor >= 0.995 and Cer >= 0.995): relaxed, recorded in the outputs as `relaxed`.
-  run $PY rehearsal_finetune.py --model "$MODEL" --dataset pararel --split ID_train --n-rehearsal "${N_REHEARSAL:-32}" \
-    --train-config configs/rehearsal_demo_cpu.yaml --min-cor "${MIN_COR:-0.6}" --min-cer "${MIN_CER:-0.5}" \
+  run $PY rehearsal_finetune.py --model "$MODEL" "${MF[@]}" --dataset pararel --split ID_train --n-rehearsal "${N_REHEARSAL:-32}" \
+    --train-config "$REH" --min-cor "${MIN_COR:-0.6}" --min-cer "${MIN_CER:-0.5}" \
     --train-set learning_rate=1e-3  # a few LoRA steps at the paper's 2e-4 leave M~ = M0 (no flow at all)
   # N_van : N_idk = 3 : 1, near the paper's 4 : 1; the vanilla pool (Cor >= 0.5) holds only what the model knows.
   # Most questions a small model never answers right have Cor = 0, which cannot fall: the `keep` tie rule
@@ -107,18 +147,17 @@ if [[ $TRACK == open ]]; then
   run $PY build_rait.py --model "$MODEL" --dataset pararel --split ID_train --n-van "${N_VAN:-60}" \
     --n-idk "${N_IDK:-20}" --tie-rule keep
 else
-  run $PY query_state.py --model "$MODEL" --dataset mmlu --split ID_train --limit "$N_SOURCE"
+  run $PY query_state.py --model "$MODEL" "${MF[@]}" --dataset mmlu --split ID_train --limit "$N_SOURCE"
   # A 135M model is never 99% sure of an MMLU answer: the rehearsal threshold is relaxed (recorded as `relaxed`).
-  run $PY rehearsal_finetune.py --model "$MODEL" --dataset mmlu --split ID_train --n-rehearsal "${N_REHEARSAL:-32}" \
-    --train-config configs/rehearsal_demo_cpu.yaml --min-cor "${MIN_COR:-0.4}"
+  run $PY rehearsal_finetune.py --model "$MODEL" "${MF[@]}" --dataset mmlu --split ID_train --n-rehearsal "${N_REHEARSAL:-32}" \
+    --train-config "$REH" --min-cor "${MIN_COR:-0.4}"
   run $PY build_rait.py --model "$MODEL" --dataset mmlu --split ID_train --n-van "${N_VAN:-50}" --n-idk "${N_IDK:-50}"
 fi
+rait=()
 for method in van cor_rait corcer_rait craft_wo_cer craft; do
-  out=models/$LABEL/${method}_$TRACK
-  run $PY finetune.py --model "$MODEL" --config "$FT" --set max_steps="$RAIT_STEPS" --output-dir "$out" \
-    --train-file "training_data/$LABEL/rait_${method}_${SOURCE_NAME}_text2text.json"
-  evaluate --model "$out" --method "$method"
+  rait+=("$method" "training_data/$LABEL/rait_${method}_${SOURCE_NAME}_text2text.json" "$RAIT_STEPS")
 done
+tune_all "${rait[@]}"
 
 stamp "4/4 tables and report"
 run $PY results_table.py --model "$LABEL" "${TABLE[@]}"

@@ -8,7 +8,8 @@ Greedy, 0-shot. Each reply is correct / incorrect / refused / fail_parse (strict
 "I don't know"; broad: kb/answers.py's phrase list; R-Tuning's "... I am unsure." is a refusal).
 THS is taken against the initial model's BASIC run on the same test set (run that first; rows are
 filed under the base model's name). AP is R-Tuning's (confidence = 0.5 answer_conf + 0.5 p(sure)).
---reclassify re-judges stored replies without the model (after a change to the answer rules).
+--reclassify re-judges stored replies without the model (after a change to the answer rules) into a
+judgement file beside them, which the summary, tables and report then read.
 Every summary also holds kb.metrics.suite (AUROC, ECE, AURC, and the refusal rates and abstention
 precision / recall / F1 on questions that should be refused: SelfAware unanswerable, FalseQA false
 premise); `results_table.py --abstention` tabulates them.
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip R-Tuning's p(sure) probe (sure_prob, AP stay empty); saves ~15%% of the time")
     p.add_argument("--reclassify", action="store_true",
                    help="no model run: re-judge the stored replies of finished runs with the current kb/answers.py "
-                        "rules and rewrite their records and summaries")
+                        "rules into a judgement file beside them (<TEST>_<template>.judged.jsonl; the replies file "
+                        "is not rewritten) and rewrite their summaries")
     p.set_defaults(results_dir="results")
     return p
 

@@ -144,6 +144,15 @@ def table_ap_interval(table: Any) -> list[float] | None:
     return ap_interval(table.answer_correct[ranked], table.rank_score[ranked]) if ranked.sum() >= 2 else None
 
 
+def ap_with_interval(table: Any) -> tuple[float | None, list[float] | None]:
+    """R-Tuning's AP (x100) of a per-question table (kb.metrics.table_ap) and its interval: the one AP reading
+    evaluate.py's summaries and the report print. (None, None) when no ranked answer is correct."""
+    from kb.metrics import table_ap
+
+    ap = table_ap(table)
+    return (None, None) if ap is None else (100 * ap, table_ap_interval(table))
+
+
 def fmt(value: float | None, ci: Sequence[float] | None, nd: int = 1) -> str:
     """'12.3 [8.1, 16.0]' ('–' for a missing value; no brackets without an interval)."""
     if value is None:

@@ -17,8 +17,10 @@ from typing import Any
 from kb import bootstrap, metrics
 from kb.data import abstention_datasets
 from kb.errors import KbError
-from kb.io import read_json, read_jsonl, write_text
+from kb.io import read_json, write_text
+from kb.metrics import INITIAL_ROW
 from kb.paths import repo_path
+from kb.records import read_eval_records
 
 COLUMNS = ("model", "method", "test set", "prompt", "n", "Pc", "Pw", "Pr", "P_fail", "THS", "AP", "Pr broad")
 ExtraColumn = Callable[[dict[str, Any]], Any] | Mapping[str, Any]
@@ -46,10 +48,17 @@ def load_summaries(results_dir: str | Path, models: Sequence[str] | None = None)
 
 
 def _ths(s: dict[str, Any], initial: dict[str, Any] | None) -> float | None:
+    """The summary's THS, else (the initial BASIC run came later) THS against that run as evaluate.py computes
+    it: from both runs' records on this run's questions (kb.metrics.paired_baseline). Without records beside
+    the summaries, from their rates when both runs saw the same questions."""
     if s.get("THS") is not None:
         return s["THS"]
     if initial is None:
         return None
+    mine, theirs = _records(s), _records(initial)
+    if mine and theirs:
+        base = metrics.paired_baseline(list(mine), {i: r["outcome"] for i, r in theirs.items()})
+        return metrics.ths_against([r["outcome"] for r in mine.values()], base)
     same = (s.get("meta") or {}).get("questions") == (initial.get("meta") or {}).get("questions")
     return metrics.ths_of_rates(s, initial) if same else None
 
@@ -69,7 +78,7 @@ def _extra(col: ExtraColumn, s: dict[str, Any]) -> Any:
 
 def table_rows(summaries: list[dict[str, Any]], extra_columns: Mapping[str, ExtraColumn] | None = None) -> list[dict[str, Any]]:
     """Sorted rows: per model and test set, the initial model first, then methods by name."""
-    initial = {(s["model"], s["test_set"]): s for s in summaries if s["row"] == "initial"}
+    initial = {(s["model"], s["test_set"]): s for s in summaries if metrics.is_initial_row(s["row"])}
     rows = []
     for s in sorted(summaries, key=lambda s: (s["model"], s["test_set"], s["row"] != "initial",
                                               not s["row"].startswith("initial"), s["row"])):
@@ -146,7 +155,7 @@ DIFF_COLUMNS = ("test set", "comparison", "n", "ΔPc", "ΔW", "ΔPr", "ΔTHS")
 def _records(s: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The per-question records beside a summary (none when they were not kept: no paired rows then)."""
     path = Path(s["_path"]).with_name(s.get("records") or Path(s["_path"]).with_suffix(".jsonl").name)
-    return {r["id"]: r for r in read_jsonl(path)} if path.is_file() else {}
+    return {r["id"]: r for r in read_eval_records(path)} if path.is_file() else {}
 
 
 def difference_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -167,12 +176,12 @@ def paired_differences(runs: Mapping[tuple[str, str, str], Callable[[], dict[str
 
     rows = []
     for model, test in sorted({(m, t) for m, t, _ in runs}):
-        if (model, test, "initial") not in runs:
+        if (model, test, INITIAL_ROW) not in runs:
             continue
-        pairs = [(r, "initial") for m, t, r in sorted(runs) if (m, t) == (model, test) and not r.startswith("initial")]
+        pairs = [(r, INITIAL_ROW) for m, t, r in sorted(runs) if (m, t) == (model, test) and not r.startswith(INITIAL_ROW)]
         pairs += [(a, b) for a, b in COMPARISONS if (model, test, a) in runs and (model, test, b) in runs]
         for a, b in pairs:
-            ra, rb, r0 = recs((model, test, a)), recs((model, test, b)), recs((model, test, "initial"))
+            ra, rb, r0 = recs((model, test, a)), recs((model, test, b)), recs((model, test, INITIAL_ROW))
             ids = [i for i in ra if i in rb and i in r0]
             if len(ids) < 2:
                 continue
@@ -181,7 +190,7 @@ def paired_differences(runs: Mapping[tuple[str, str, str], Callable[[], dict[str
             for key, stat in (("ΔPc", bootstrap.rate_of("correct")), ("ΔW", bootstrap.rate_of("incorrect", "fail_parse")),
                               ("ΔPr", bootstrap.rate_of("refused"))):
                 row[key] = bootstrap.difference(stat, [xa], [xb])
-            row["ΔTHS"] = bootstrap.difference(bootstrap.ths_stat, [xa], [xb], [x0]) if b != "initial" else None
+            row["ΔTHS"] = bootstrap.difference(bootstrap.ths_stat, [xa], [xb], [x0]) if b != INITIAL_ROW else None
             rows.append(row)
     return rows
 
@@ -261,10 +270,9 @@ def _suite(s: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if "suite" in s:
         return s["suite"]
     from kb.evaluate import suite_summary
-    from kb.io import read_jsonl
 
     rec = Path(s["_path"]).with_name(s.get("records") or Path(s["_path"]).with_suffix(".jsonl").name)
-    return suite_summary(read_jsonl(rec), s["dataset"])
+    return suite_summary(read_eval_records(rec), s["dataset"])
 
 
 def abstention_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:

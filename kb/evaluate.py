@@ -37,7 +37,7 @@ from kb.decode import decoder_for, use_decoder
 from kb.engine import PrefixScorer, auto_token_budget, letter_candidates, letter_probs, plan_batches
 from kb.errors import KbError
 from kb.finetune import read_base_info
-from kb.io import RecordLog, read_json, read_jsonl, write_json, write_jsonl
+from kb.io import RecordLog, read_json, write_json, write_jsonl
 from kb.models import LoadedModel, load_model, resolve_model
 from kb.paths import repo_path, slug
 from kb.prompts import (
@@ -52,10 +52,11 @@ from kb.prompts import (
     templates,
 )
 from kb.provenance import make_meta, recorded_args, start_records
+from kb.records import EvalReplyMCQ, EvalReplyOpen, apply_judgements, judgement, judgement_path, read_eval_records
 
 DEFAULT_MAX_NEW_TOKENS = {"mcq": 8, "open": 16}  # MCQ replies are a letter or "I don't know."
 RTUNING_EXTRA_TOKENS = 32  # budget to finish "Are you sure ...? I am (un)sure." (about 20 tokens)
-INITIAL = "initial"
+INITIAL = metrics.INITIAL_ROW  # the initial model: its method folder, and its BASIC run's row
 # Test sets of the two tracks (docs/method.md section 8, R-Tuning's splits).
 DEFAULT_TESTS = ("mmlu:ID_test", "mmlu:OOD_test")
 SHORT_TEMPLATES = {"basic": {"mcq": "mcq_basic", "open": "open_basic"},
@@ -225,7 +226,9 @@ def evaluate_set(lm: LoadedModel, label: str, method: str, tuned: bool, dataset:
 
 def write_summary(args: argparse.Namespace, meta: dict[str, Any], records: list[dict[str, Any]], rec_path: Path,
                   sum_path: Path) -> dict[str, Any]:
-    """The summary of one run, from its meta and records alone (so --reclassify can redo it)."""
+    """The summary of one run, from its meta and records alone (so --reclassify can redo it); the verdicts of
+    a judgement file beside the records (--reclassify's) replace the replies' own."""
+    records = apply_judgements(rec_path, records)
     key = meta["run_key"]
     dataset, split, label, row = key["dataset"], key["split"], meta["label"], meta["row"]
     kind = dataset_spec(dataset).kind
@@ -233,6 +236,8 @@ def write_summary(args: argparse.Namespace, meta: dict[str, Any], records: list[
     summary.update(model=label, method=key["method"], row=row, tuned=meta["tuned"], dataset=dataset, split=split,
                    test_set=test_name(dataset, split), template=key["prompt"]["template"], prompt=key["prompt"],
                    max_new_tokens=key["max_new_tokens"], records=rec_path.name)
+    if judgement_path(rec_path).is_file():
+        summary["judgements"] = judgement_path(rec_path).name
     baseline = find_baseline(args, label, dataset, split, kind, meta, records, row, summary)
     summary["baseline"] = baseline
     summary["THS"] = _round(baseline.get("THS"))
@@ -265,16 +270,17 @@ def reclassify(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def reclassify_set(args: argparse.Namespace, label: str, method: str, dataset: str, split: str,
                    template: str) -> dict[str, Any]:
-    """--reclassify: re-judge one finished run's stored replies and rewrite its records and summary."""
+    """--reclassify: re-judge one finished run's stored replies into the judgement file beside them (the
+    replies file is never rewritten) and rewrite the summary."""
     rec_path, sum_path, meta_path = eval_paths(args.results_dir, label, method, dataset, split, template)
     if not rec_path.is_file() or not meta_path.is_file():
         raise KbError(f"{rec_path}: no records to reclassify (run the evaluation first)")
     meta = read_json(meta_path)
-    records = read_jsonl(rec_path)
+    records = read_eval_records(rec_path)
     if len(records) != (meta.get("questions") or {}).get("n"):
         raise KbError(f"{rec_path}: {len(records)} records for {meta['questions']['n']} questions; finish the run first")
     records = reclassify(records)
-    write_jsonl(rec_path, records)
+    write_jsonl(judgement_path(rec_path), [judgement(r) for r in records])
     return write_summary(args, meta, records, rec_path, sum_path)
 
 
@@ -419,7 +425,7 @@ def stop_token_ids(lm: LoadedModel) -> set[int]:
 
 def _batch_records(lm: LoadedModel, decoder: GreedyDecoder, scorer: PrefixScorer, batch: list[Sample],
                    prompts: list[str], seqs: list[list[int]], prefix_len: int, cands: list[list[int]],
-                   sure_ids: list[list[int]], max_new: int, chat: bool, want_ap: bool) -> list[dict[str, Any]]:
+                   sure_ids: list[list[int]], max_new: int, chat: bool, want_ap: bool) -> list[EvalReplyMCQ | EvalReplyOpen]:
     tok = lm.tokenizer
     mcq = bool(cands)
     new_ids, first, lps, state = decoder.decode(seqs, prefix_len, max_new, keep_prompt=want_ap)
@@ -438,24 +444,20 @@ def _batch_records(lm: LoadedModel, decoder: GreedyDecoder, scorer: PrefixScorer
     for k, s in enumerate(batch):
         reply = replies[k]
         golds = s.gold_answers
-        rec: dict[str, Any] = {"id": s.id, "group": s.group, "question": s.question, "gold": s.answer}
-        if mcq:
-            rec["choices"] = list(s.choices)
-        else:
-            rec["aliases"] = list(s.aliases)
-        rec.update(reply=reply, continued=k in more, rtuning_verdict=rtuning_verdict(reply),
-                   outcome=classify_reply(reply, len(s.choices), golds),
-                   outcome_broad=classify_reply(reply, len(s.choices), golds, broad=True))
-        if mcq:
+        asked = {"id": s.id, "group": s.group, "question": s.question, "gold": s.answer}
+        judged = {"reply": reply, "continued": k in more, "rtuning_verdict": rtuning_verdict(reply),
+                  "outcome": classify_reply(reply, len(s.choices), golds),
+                  "outcome_broad": classify_reply(reply, len(s.choices), golds, broad=True)}
+        rec: EvalReplyMCQ | EvalReplyOpen
+        if mcq:  # fields in the order they are written (kb.records)
             p = probs[k]
-            rec["letter_probs"] = [round(x, 8) for x in p]
-            rec["pred"] = LETTERS[int(np.argmax(p))]
-            rec["answer_conf"] = round(max(p), 8)
-            rec["ap_correct"] = rec["pred"] == s.answer
+            pred = LETTERS[int(np.argmax(p))]
+            rec = EvalReplyMCQ(**asked, choices=list(s.choices), **judged, letter_probs=[round(x, 8) for x in p], pred=pred,
+                               answer_conf=round(max(p), 8), ap_correct=pred == s.answer)
         else:
-            rec["answer"] = cut_at_period(rtuning_answer_part(reply))
-            rec["answer_conf"] = round(float(np.exp(np.mean(lps[k]))), 8) if lps[k] else None
-            rec["ap_correct"] = rec["outcome"] == "correct"
+            rec = EvalReplyOpen(**asked, aliases=list(s.aliases), **judged, answer=cut_at_period(rtuning_answer_part(reply)),
+                                answer_conf=round(float(np.exp(np.mean(lps[k]))), 8) if lps[k] else None,
+                                ap_correct=judged["outcome"] == "correct")
         out.append(rec)
     if want_ap:
         _add_sure_probs(lm, decoder, state, scorer, out, prompts, seqs, prefix_len, sure_ids, chat)
@@ -495,13 +497,12 @@ def summarise_eval(records: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     out: dict[str, Any] = {"n": len(records), **{k: strict[k] for k in ("Pc", "Pw", "Pr", "P_fail")},
                            "counts": strict["counts"], "broad": broad}
     with_conf = [r for r in records if r.get("answer_conf") is not None and r.get("sure_prob") is not None]
-    table = metrics.QuestionTable.from_records(records)
-    ap = metrics.table_ap(table)
-    out["AP"] = _round(None if ap is None else 100 * ap)
+    ap, ap_ci = bootstrap.ap_with_interval(metrics.QuestionTable.from_records(records))
+    out["AP"] = _round(ap)
     out["AP_n"] = len(with_conf)
     # 95% bootstrap intervals over questions (kb.bootstrap); THS's is added with its baseline.
     out["ci"] = bootstrap.rate_intervals([r["outcome"] for r in records])
-    out["ci"]["AP"] = bootstrap.table_ap_interval(table) if ap is not None else None
+    out["ci"]["AP"] = ap_ci
     if with_conf:
         out["mean_sure_prob"] = round(float(np.mean([r["sure_prob"] for r in with_conf])), 6)
         out["ap_accuracy"] = round(100 * float(np.mean([bool(r["ap_correct"]) for r in with_conf])), 4)
@@ -569,14 +570,16 @@ def find_baseline(args: argparse.Namespace, label: str, dataset: str, split: str
         if "note" in base:
             return {**base, "THS": None, "THS_broad": None}
     ids = [r["id"] for r in records]
-    strict1 = [base["outcomes"][i][0] for i in ids]
-    broad1 = [base["outcomes"][i][1] for i in ids]
+    strict1 = metrics.paired_baseline(ids, {i: o[0] for i, o in base["outcomes"].items()})
+    broad1 = metrics.paired_baseline(ids, {i: o[1] for i, o in base["outcomes"].items()})
+    assert strict1 is not None and broad1 is not None  # baseline_outcomes checked that it has every question
     r1, b1 = metrics.rates(strict1), metrics.rates(broad1)
+    outcomes = [r["outcome"] for r in records]
     return {"path": base["path"], "n": len(ids), "Pc": r1["Pc"], "Pw": r1["Pw"], "P_fail": r1["P_fail"],
             "broad": {"Pc": b1["Pc"], "Pw": b1["Pw"], "P_fail": b1["P_fail"]},
-            "THS": metrics.ths_of_rates(metrics.rates([r["outcome"] for r in records]), r1),
-            "THS_ci": None if row == INITIAL else bootstrap.ths_interval([r["outcome"] for r in records], strict1),
-            "THS_broad": metrics.ths_of_rates(metrics.rates([r["outcome_broad"] for r in records]), b1)}
+            "THS": metrics.ths_against(outcomes, strict1),
+            "THS_ci": None if row == INITIAL else bootstrap.ths_interval(outcomes, strict1),
+            "THS_broad": metrics.ths_against([r["outcome_broad"] for r in records], broad1)}
 
 
 def baseline_outcomes(path: Path, base: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -584,8 +587,8 @@ def baseline_outcomes(path: Path, base: dict[str, Any], records: list[dict[str, 
     rec_path = path.with_name(base.get("records") or path.with_suffix(".jsonl").name)
     ids = [r["id"] for r in records]
     if rec_path.is_file():
-        by_id = {r["id"]: (r["outcome"], r["outcome_broad"]) for r in read_jsonl(rec_path)}
-        if all(i in by_id for i in ids):
+        by_id = {r["id"]: (r["outcome"], r["outcome_broad"]) for r in read_eval_records(rec_path)}
+        if metrics.paired_baseline(ids, by_id) is not None:
             return {"path": str(path), "outcomes": by_id}
     theirs = (base.get("meta") or {}).get("questions") or {}
     return {"path": str(path), "note": f"THS not computed: the initial BASIC run at {path} used other questions "

@@ -26,8 +26,8 @@ from kb import bootstrap
 from kb.data import abstention_datasets
 from kb.errors import KbError
 from kb.eval_table import load_summaries
-from kb.io import read_jsonl
 from kb.paths import repo_path
+from kb.records import read_eval_records
 
 SEED_RE = re.compile(r"^(?P<method>.+)_seed(?P<seed>\d+)$")
 INITIAL, INITIAL_REFUSE, THRESHOLD = "initial", "initial_refuse", "threshold"
@@ -76,14 +76,22 @@ def split_method(row: str) -> tuple[str, int | None]:
     return (m["method"], int(m["seed"])) if m else (row, None)
 
 
+def _summaries(results_dir: str | Path, models: Sequence[str] | None) -> list[dict[str, Any]]:
+    """Evaluation summaries of `models` (none for a model not evaluated: the report still runs)."""
+    root = repo_path(results_dir)
+    if not root.is_dir():
+        return []
+    return [s for s in load_summaries(root) if not models or s.get("model") in models]
+
+
 def load_groups(results_dir: str | Path, models: Sequence[str] | None = None) -> dict[tuple[str, str, str], Group]:
     """Every evaluated run under results/<model>/eval/, grouped by (model, test set, method)."""
     groups: dict[tuple[str, str, str], Group] = {}
-    for s in load_summaries(results_dir, models):
+    for s in _summaries(results_dir, models):
         path = Path(s["_path"]).with_name(s.get("records") or Path(s["_path"]).with_suffix(".jsonl").name)
         if not path.is_file():
             continue
-        records = read_jsonl(path)
+        records = read_eval_records(path)  # validated, with any re-judged verdicts laid over the replies
         method, seed = split_method(s["row"])
         run = Run(s["model"], s["test_set"], method, seed,
                   {r["id"]: bootstrap.OUTCOME_CODE[r["outcome"]] for r in records},
@@ -350,13 +358,13 @@ def study_markdown(results_dir: str | Path, models: Sequence[str], test_sets: Se
 
 def seeded_test_sets(results_dir: str | Path, models: Sequence[str]) -> list[str]:
     """The non-abstention test sets on which some run carries a seed suffix (the study's test sets)."""
-    return sorted({s["test_set"] for s in load_summaries(results_dir, models)
+    return sorted({s["test_set"] for s in _summaries(results_dir, models)
                    if SEED_RE.match(s["row"]) and not _is_abstention(s["test_set"])})
 
 
 def has_seeds(results_dir: str | Path, models: Sequence[str]) -> bool:
     """Whether any run of these models was repeated over seeds (then the report opens with the answers)."""
-    return any(SEED_RE.match(s["row"]) for s in load_summaries(results_dir, models))
+    return any(SEED_RE.match(s["row"]) for s in _summaries(results_dir, models))
 
 
 def forest_figure(result: dict[str, Any]) -> Any:

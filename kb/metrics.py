@@ -8,11 +8,13 @@ percentage points like the paper's tables.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 LABELS = ("correct", "incorrect", "refused", "fail_parse")
 RATE_KEYS = {"correct": "Pc", "incorrect": "Pw", "refused": "Pr", "fail_parse": "P_fail"}
@@ -47,6 +49,29 @@ def ths_of_rates(method: dict[str, float], initial: dict[str, float]) -> float |
                initial["Pc"], initial["Pw"] + initial.get("P_fail", 0.0))
 
 
+INITIAL_ROW = "initial"  # THS's reference row: the initial model's BASIC run of the same test set (evaluate.row_name)
+
+
+def is_initial_row(row: str) -> bool:
+    """Whether a table row (a record's `method`) is THS's reference. The initial model's other prompts
+    ('initial_refuse', ...) are ordinary rows measured against it."""
+    return row == INITIAL_ROW
+
+
+def paired_baseline(ids: Sequence[str], initial: Mapping[str, T]) -> list[T] | None:
+    """THS's baseline of a run: the initial run's outcome on each of the run's questions, in the run's order
+    (a run on fewer questions is compared on those). None when the initial run lacks any of them: it saw
+    other questions, so there is no THS rather than a guess. Used by evaluate.py, the tables and the report."""
+    if any(i not in initial for i in ids):
+        return None
+    return [initial[i] for i in ids]
+
+
+def ths_against(outcomes: Sequence[str], baseline: Sequence[str] | None) -> float | None:
+    """THS of a run's outcomes against its paired baseline (paired_baseline); None without one."""
+    return None if baseline is None else ths_of_rates(rates(outcomes), rates(baseline))
+
+
 NEAR_CHANCE_MARGIN = 0.05  # MCQ accuracy less than 5 points above chance: the boundary is mostly letter bias
 
 
@@ -64,6 +89,13 @@ def near_chance_note(accuracy: float, chance: float) -> str | None:
         return None
     return (f"accuracy {accuracy:.1%} is less than 5 points above chance ({chance:.0%}): the multiple-choice "
             "knowledge boundary is mostly letter bias, not knowledge; ParaRel's is more meaningful")
+
+
+def near_chance(accuracy: float, records: Sequence[Mapping[str, Any]]) -> tuple[float, str | None]:
+    """(chance accuracy, near-chance note) of multiple-choice records (each with its `choices`): the rule the
+    probe, state and report summaries all apply, so they can never disagree on when to warn."""
+    chance = chance_accuracy([len(r["choices"]) for r in records])
+    return chance, near_chance_note(accuracy, chance)
 
 
 def confidence_score(answer_conf: float, sure_prob: float) -> float:

@@ -36,11 +36,12 @@ from kb.errors import KbError
 from kb.io import write_json
 from kb.lmflow import make_dataset, to_text_only, write_dataset
 from kb.locks import lock_output, rank_path
-from kb.metrics import chance_accuracy, near_chance_note
+from kb.metrics import near_chance
 from kb.models import LoadedModel, load_model, model_label
 from kb.paths import repo_path
 from kb.prompts import PromptFormat, letter_rule, render, resolve_chat
 from kb.provenance import make_meta, recorded_args, start_records
+from kb.records import ProbeMCQRecord, ProbeOpenRecord
 from kb.rtuning import METHODS, answer_entropy, build_instances
 
 UNCERTAIN_SAMPLES = 5  # R-Tuning-U: answers sampled per question
@@ -163,7 +164,7 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
 
 
 def _mcq_records(scorer: PrefixScorer, batch: list[Sample], seqs: list[list[int]], prefix_len: int,
-                 cands: list[list[int]], seed: int, sample_uncertain: bool, logp: Any = None) -> list[dict[str, Any]]:
+                 cands: list[list[int]], seed: int, sample_uncertain: bool, logp: Any = None) -> list[ProbeMCQRecord]:
     flat = [t for c in cands for t in c]
     if logp is None:
         logp, _ = scorer.score(seqs, prefix_len, flat)
@@ -171,9 +172,9 @@ def _mcq_records(scorer: PrefixScorer, batch: list[Sample], seqs: list[list[int]
     out = []
     for s, p in zip(batch, probs):
         pred = LETTERS[int(np.argmax(p))]
-        rec: dict[str, Any] = {"id": s.id, "group": s.group, "question": s.question, "choices": list(s.choices),
-                               "gold": s.answer, "letter_probs": [round(x, 8) for x in p], "pred": pred,
-                               "correct": pred == s.answer, "answer_conf": round(max(p), 8)}
+        rec = ProbeMCQRecord(id=s.id, group=s.group, question=s.question, choices=list(s.choices), gold=s.answer,
+                             letter_probs=[round(x, 8) for x in p], pred=pred, correct=pred == s.answer,
+                             answer_conf=round(max(p), 8))
         if sample_uncertain:
             q = np.asarray(p) ** (1 / UNCERTAIN_TEMPERATURE)
             draws = _rng_for(seed, s.id).choice(len(p), size=UNCERTAIN_SAMPLES, p=q / q.sum())
@@ -184,7 +185,7 @@ def _mcq_records(scorer: PrefixScorer, batch: list[Sample], seqs: list[list[int]
 
 
 def _open_records(lm: LoadedModel, batch: list[Sample], seqs: list[list[int]], max_new_tokens: int, seed: int,
-                  sample_uncertain: bool, run_seed: int = 0) -> list[dict[str, Any]]:
+                  sample_uncertain: bool, run_seed: int = 0) -> list[ProbeOpenRecord]:
     if use_decoder(lm.model):  # GPU: kb.decode (captured decoding step, samples keyed by question)
         texts, logps = decode_texts(lm.model, lm.tokenizer, seqs, max_new_tokens, want_scores=True)
         samples = None
@@ -202,10 +203,9 @@ def _open_records(lm: LoadedModel, batch: list[Sample], seqs: list[list[int]], m
         raw = texts[k][0]
         ans = cut_at_period(raw)
         lp = logps[k][0] if logps else None
-        rec: dict[str, Any] = {"id": s.id, "group": s.group, "question": s.question, "gold": s.answer,
-                               "aliases": list(s.aliases), "generation": raw, "answer": ans,
-                               "correct": open_correct(ans, s.gold_answers),
-                               "answer_conf": None if lp is None else round(float(np.exp(lp)), 8)}
+        rec = ProbeOpenRecord(id=s.id, group=s.group, question=s.question, gold=s.answer, aliases=list(s.aliases),
+                              generation=raw, answer=ans, correct=open_correct(ans, s.gold_answers),
+                              answer_conf=None if lp is None else round(float(np.exp(lp)), 8))
         if samples is not None:
             rec["samples"] = [cut_at_period(t) for t in samples[k]]
             rec["entropy"] = round(answer_entropy(rec["samples"]), 8)
@@ -225,10 +225,9 @@ def summarise(records: list[dict[str, Any]], kind: str, name: str, lm: LoadedMod
         counts = Counter(r["pred"] for r in records)
         share = {k: round(counts.get(k, 0) / n, 4) for k in "ABCD"}
         out["pred_share"] = share
-        chance = chance_accuracy([len(r["choices"]) for r in records])
+        chance, note = near_chance(acc, records)
         out["chance"] = round(chance, 4)
         top = max(share, key=lambda k: share[k])
-        note = near_chance_note(acc, chance)
         if note:
             out["note"] = f"{note} ({share[top]:.0%} of answers are '{top}')"
         out["line"] = f"{label}: accuracy {acc:.1%} on {n} questions (chance {chance:.0%}; predicted A/B/C/D " + \

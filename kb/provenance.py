@@ -99,9 +99,11 @@ def start_records(rec_path: Path, meta_path: Path, meta: dict[str, Any], restart
     their meta is missing (they cannot be trusted to match), then write this run's meta."""
     from kb.io import write_json
     from kb.locks import lock_output, rank_path
+    from kb.records import judgement_path
 
     lock_output(rank_path(rec_path))  # before anything is read or written: one run per record file
     check_resumable(meta_path, meta, restart)
     if restart or (rec_path.exists() and not meta_path.exists()):
         rec_path.unlink(missing_ok=True)
+        judgement_path(rec_path).unlink(missing_ok=True)  # evaluate.py --reclassify's verdicts of those records
     write_json(meta_path, meta)

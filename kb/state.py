@@ -31,7 +31,7 @@ from kb.engine import PrefixScorer, batch_seed, generate, letter_candidates, let
 from kb.errors import KbError
 from kb.io import write_json
 from kb.locks import lock_output, rank_path
-from kb.metrics import chance_accuracy, near_chance_note
+from kb.metrics import near_chance
 from kb.models import LoadedModel
 from kb.probe import encode, token_budget
 from kb.prompts import PromptFormat, letter_rule, render, render_text, resolve_chat, templates
@@ -457,9 +457,8 @@ def summarise(state: StateFile, lm: LoadedModel, fmt: PromptFormat, wall_s: floa
         out["mean_cer_agree"] = round(float(np.mean([r["cer_agree"] for r in recs])), 6)
         out["n_rehearsable"] = int((cor > 0.99).sum())
         out["pred_share"] = {k: round(float(np.mean([r["pred"] == k for r in recs])), 4) for k in "ABCD"}
-        chance = chance_accuracy([len(r["choices"]) for r in recs])
+        chance, note = near_chance(acc, recs)
         out["chance"] = round(chance, 4)
-        note = near_chance_note(acc, chance)
         if note:
             out["note"] = f"{note} (so this state's Cor/Cer split says little about knowledge)"
         out["line"] = (f"{label}: accuracy {acc:.1%}, mean Cor {cor.mean():.3f}, mean Cer {cer.mean():.3f} on {n} "

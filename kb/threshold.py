@@ -18,10 +18,11 @@ from typing import Any
 
 from kb import metrics
 from kb.data import dataset_spec
-from kb.errors import KbError, data_error
+from kb.errors import KbError
 from kb.evaluate import INITIAL, basic_template, eval_paths, parse_tests, test_name, write_summary
-from kb.io import read_json, read_jsonl, write_json, write_jsonl
+from kb.io import read_json, write_json, write_jsonl
 from kb.paths import repo_path
+from kb.records import judgement_path, read_eval_records
 
 METHOD = "threshold"
 
@@ -38,9 +39,7 @@ def apply(outcome: str, conf: float, t: float) -> str:
 
 def ths_at(records: Sequence[dict[str, Any]], t: float) -> float | None:
     """THS on `records` of M0 refusing below t, against M0 answering everything (same questions)."""
-    base = metrics.rates([r["outcome"] for r in records])
-    mine = metrics.rates([apply(r["outcome"], confidence(r), t) for r in records])
-    return metrics.ths_of_rates(mine, base)
+    return metrics.ths_against([apply(r["outcome"], confidence(r), t) for r in records], [r["outcome"] for r in records])
 
 
 def choose_threshold(train: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -77,14 +76,7 @@ def _initial_run(args: argparse.Namespace, label: str, dataset: str, split: str)
         raise KbError(f"{rec_path}: no BASIC evaluation of the initial model; run evaluate.py --model <M0> "
                       f"--template basic --test {dataset}:{split} first")
     meta = read_json(meta_path)
-    records = read_jsonl(rec_path)
-    for row, r in enumerate(records, start=1):  # what the baseline reads of each record, checked up front
-        for key in ("outcome", "outcome_broad"):
-            if r.get(key) not in metrics.LABELS:
-                raise data_error(rec_path, f"expected one of {', '.join(metrics.LABELS)}, got {r.get(key)!r}", row, key)
-        c = r.get("answer_conf")
-        if c is not None and (isinstance(c, bool) or not isinstance(c, int | float) or not math.isfinite(c)):
-            raise data_error(rec_path, f"expected a number or null, got {c!r}", row, "answer_conf")
+    records = read_eval_records(rec_path)  # every record checked up front, re-judged verdicts applied
     n = (meta.get("questions") or {}).get("n") if isinstance(meta, dict) else None
     if len(records) != n:
         raise KbError(f"{rec_path}: {len(records)} records for {n} questions; finish that evaluation first")
@@ -123,6 +115,7 @@ def run_threshold(args: argparse.Namespace) -> dict[str, Any]:
                                                                                            ds, split, template)[0])})
         recs = relabel(records, t, test_name(ds, split))
         write_jsonl(rec_path, recs)
+        judgement_path(rec_path).unlink(missing_ok=True)  # verdicts of earlier records would override the threshold's
         write_json(meta_path, meta)
         summaries.append(write_summary(args, meta, recs, rec_path, sum_path))
     out = {"model": label, "method": METHOD, **chosen, "train": args.train, "tests": [f"{d}:{s}" for d, s in tests]}

@@ -298,8 +298,9 @@ def test_report_risk_coverage_for_m0_open_track(tmp_path: Path) -> None:
     from kb.report import build_report
 
     recs = [{"id": f"pararel/{i}", "group": "P17", "question": "q", "gold": "x", "aliases": [], "reply": "x",
-             "outcome": o, "outcome_broad": o, "method": "initial", "test_set": "ParaRel_ID_test",
-             "template": "open_basic", "answer_conf": c, "should_abstain": False}
+             "continued": False, "rtuning_verdict": None, "outcome": o, "outcome_broad": o, "answer": "x",
+             "answer_conf": c, "ap_correct": o == "correct", "method": "initial", "test_set": "ParaRel_ID_test",
+             "template": "open_basic", "should_abstain": False}
             for i, (o, c) in enumerate([("correct", 0.9), ("incorrect", 0.8), ("correct", 0.8), ("correct", 0.6),
                                         ("incorrect", 0.5), ("incorrect", 0.5)])]
     path = tmp_path / "results" / "m" / "eval" / "initial" / "ParaRel_ID_test_open_basic.jsonl"

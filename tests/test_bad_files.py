@@ -33,6 +33,34 @@ def state_rec(i: int, **over: Any) -> dict[str, Any]:
     return rec
 
 
+def probe_rec(i: int, **over: Any) -> dict[str, Any]:
+    rec = {"id": f"q/{i}", "group": "g", "question": f"Q{i}?", "choices": ["a", "b", "c", "d"], "gold": "A",
+           "letter_probs": [0.7, 0.1, 0.1, 0.1], "pred": "A", "correct": True, "answer_conf": 0.7}
+    rec.update(over)
+    return rec
+
+
+def eval_rec(i: int, **over: Any) -> dict[str, Any]:
+    rec = {"id": f"q/{i}", "group": "g", "question": f"Q{i}?", "gold": "x", "aliases": [], "reply": "x.", "continued": False,
+           "rtuning_verdict": None, "outcome": "correct", "outcome_broad": "correct", "answer": "x", "answer_conf": 0.5,
+           "ap_correct": True, "sure_prob": 0.5, "method": "initial", "test_set": "T_test", "template": "open_basic",
+           "should_abstain": False}
+    rec.update(over)
+    return rec
+
+
+def record_file(t: Path, kind: str, recs: list[dict[str, Any]] | None = None, raw: bytes | None = None,
+                judged: list[dict[str, Any]] | None = None) -> Any:
+    """A probe or evaluation records file (and a judgement file), read as the report and tables read it."""
+    from kb.records import judgement_path, read_eval_records, read_probe_records
+
+    path = t / "T_test_open_basic.jsonl"
+    path.write_bytes(raw if raw is not None else "".join(json.dumps(r) + "\n" for r in recs or []).encode())
+    if judged is not None:
+        judgement_path(path).write_text("".join(json.dumps(r) + "\n" for r in judged))
+    return (read_probe_records if kind == "probe" else read_eval_records)(path)
+
+
 def write_state(root: Path, recs: list[dict[str, Any]] | None = None, meta: Any = None) -> Path:
     recs = [state_rec(0), state_rec(1)] if recs is None else recs
     path = root / "state_X.jsonl"
@@ -233,6 +261,32 @@ CASES: list[tuple[str, Callable[[Path, Path], Any], str]] = [
     ("records-array-line", lambda t, m: records(t, b'{"id": "a"}\n[1]\n'), "row 2: each line must be a JSON object"),
     ("records-latin1-middle", lambda t, m: records(t, b'{"id": "a"}\n{"id": "caf\xe9"}\n{"id": "b"}\n'), "row 2: not UTF-8 text"),
     ("records-bare-nan", lambda t, m: records(t, b'{"id": "a", "p": NaN}\n'), "row 1: NaN is not a valid number"),
+    # probe and evaluation records as the report, the tables and the THS / threshold baselines read them (kb.records)
+    ("probe-correct-string", lambda t, m: record_file(t, "probe", [probe_rec(0, correct="yes")]),
+     "row 1: field 'correct': must be true or false, got 'yes'"),
+    ("probe-missing-pred", lambda t, m: record_file(t, "probe", [{k: v for k, v in probe_rec(0).items() if k != "pred"}]),
+     "row 1: field 'pred': missing field"),
+    ("probe-mixed-kinds", lambda t, m: record_file(t, "probe", [probe_rec(0), {**eval_rec(1), "generation": "x", "correct": True}]),
+     "row 2: field 'choices': a open record in a file of mcq records"),
+    ("probe-letter-prob-range", lambda t, m: record_file(t, "probe", [probe_rec(0, letter_probs=[1.5, 0, 0, 0])]),
+     "field 'letter_probs': item 0 must lie in [0, 1], got 1.5"),
+    ("eval-outcome-alias", lambda t, m: record_file(t, "eval", [eval_rec(0), eval_rec(1, outcome="wrong")]),
+     "row 2: field 'outcome': must be one of correct, incorrect, refused, fail_parse, got 'wrong'"),
+    ("eval-no-method", lambda t, m: record_file(t, "eval", [{k: v for k, v in eval_rec(0).items() if k != "method"}]),
+     "row 1: field 'method': missing field"),
+    ("eval-conf-range", lambda t, m: record_file(t, "eval", [eval_rec(0, answer_conf=1.5)]),
+     "row 1: field 'answer_conf': must lie in [0, 1], got 1.5"),
+    ("eval-conf-string", lambda t, m: record_file(t, "eval", [eval_rec(0, answer_conf="high")]),
+     "row 1: field 'answer_conf': must be a number or null, got 'high'"),
+    ("eval-verdict-unknown", lambda t, m: record_file(t, "eval", [eval_rec(0, rtuning_verdict="maybe")]),
+     "field 'rtuning_verdict': must be one of sure, unsure or null, got 'maybe'"),
+    ("eval-other-test-set", lambda t, m: record_file(t, "eval", [eval_rec(0), eval_rec(1, test_set="U_test")]),
+     "row 2: field 'test_set': 'U_test' differs from row 1's 'T_test'"),
+    ("eval-duplicate-id", lambda t, m: record_file(t, "eval", [eval_rec(0), eval_rec(0)]), "row 2: field 'id': duplicate id"),
+    ("eval-latin1", lambda t, m: record_file(t, "eval", raw=b'{"id": "caf\xe9"}\n'), "row 1: not UTF-8 text"),
+    ("judgement-bad-outcome", lambda t, m: record_file(t, "eval", [eval_rec(0)], judged=[
+        {"id": "q/0", "reply": "x.", "rtuning_verdict": None, "outcome": "maybe", "outcome_broad": "correct"}]),
+     "T_test_open_basic.judged.jsonl: row 1: field 'outcome'"),
     # state, flow and meta files
     ("state-cor-string", lambda t, m: state_with(t, recs=[state_rec(0, cor="0.5")]), "row 1: field 'cor': must be a number"),
     ("state-cor-range", lambda t, m: state_with(t, recs=[state_rec(0, cor=1.5)]), "field 'cor': must lie in [0, 1]"),
@@ -355,6 +409,7 @@ VALID: dict[str, bytes] = {
     "dpr": b"q\t['a', 'b']\n",
     "lmflow": json.dumps({"type": "text2text", "instances": [{"input": "q", "output": "a"}]}).encode(),
     "records": b'{"id": "a", "x": 1}\n{"id": "b", "x": [1, 2]}\n',
+    "eval": "".join(json.dumps(eval_rec(i)) + "\n" for i in range(2)).encode(),
     "state": "".join(json.dumps(state_rec(i)) + "\n" for i in range(2)).encode(),
     "yaml": b"limit: 3\nseed: 1\nmodel: m\nchat_template: auto\n",
     "npy": _npy_bytes(),
@@ -371,6 +426,8 @@ def _feed(kind: str, t: Path, raw: bytes) -> None:
         lmflow(t, raw)
     elif kind == "records":
         records(t, raw)
+    elif kind == "eval":
+        record_file(t, "eval", raw=raw)
     elif kind == "state":
         from kb.statefile import load_state
 

@@ -13,6 +13,7 @@ import pytest
 
 from kb.evaluate import GreedyDecoder, _needs_more, continuation_logprobs, row_name, stop_token_ids
 from kb.paths import REPO_ROOT
+from kb.records import read_eval_records
 
 
 def _cli() -> ModuleType:
@@ -58,8 +59,9 @@ def test_initial_run_writes_records_and_summaries(initial_results: Path, tiny_mo
         assert s["Pc"] + s["Pw"] + s["Pr"] + s["P_fail"] == pytest.approx(100.0)
         b = s["broad"]
         assert b["Pc"] + b["Pw"] + b["Pr"] + b["P_fail"] == pytest.approx(100.0)
-        records = [json.loads(x) for x in (initial_results / label / "eval" / "initial" / f"{name}.jsonl").read_text().splitlines()]
-        assert len(records) == 6
+        path = initial_results / label / "eval" / "initial" / f"{name}.jsonl"
+        records = [json.loads(x) for x in path.read_text().splitlines()]
+        assert len(records) == 6 and read_eval_records(path) == records  # each an EvalMCQRecord / EvalOpenRecord
         for r in records:
             assert r["outcome"] in {"correct", "incorrect", "refused", "fail_parse"}
             assert 0.0 <= r["sure_prob"] <= 1.0
@@ -221,7 +223,10 @@ def test_bad_arguments_are_one_line(argv: list[str], needle: str, tiny_model_dir
     assert not (tmp_path / "r").exists()
 
 
-def test_reclassify_rejudges_stored_replies(initial_results: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_reclassify_writes_judgements_beside_the_replies(initial_results: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    from kb.records import judgement_path
+    from kb.report.load import load_evals
+
     res = initial_results
     label = tiny_model_dir.name
     path = res / label / "eval" / "initial" / "MMLU_ID_test_mcq_refuse.jsonl"
@@ -229,12 +234,24 @@ def test_reclassify_rejudges_stored_replies(initial_results: Path, tiny_model_di
     records[0]["reply"] = "C. I am unsure."  # as if the model had said it; no model runs below
     records[1]["reply"] = "I don't know."
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    replies = path.read_bytes()
     _eval("--model", str(tiny_model_dir), "--test", "mmlu:ID_test", "--template", "refuse", "--limit", "6",
           "--results-dir", str(res), "--max-new-tokens", "4", "--reclassify")
-    again = [json.loads(x) for x in path.read_text().splitlines()]
-    assert [r["outcome"] for r in again[:2]] == ["refused", "refused"] and again[0]["rtuning_verdict"] == "unsure"
+    assert path.read_bytes() == replies  # the replies file is never rewritten
+    judged = [json.loads(x) for x in judgement_path(path).read_text().splitlines()]
+    assert [j["id"] for j in judged] == [r["id"] for r in records] and judged[1]["reply"] == "I don't know."
+    assert [j["outcome"] for j in judged[:2]] == ["refused", "refused"] and judged[0]["rtuning_verdict"] == "unsure"
+    # every reader sees the judgements: the records as read, the summary, the report
+    assert [r["outcome"] for r in read_eval_records(path)[:2]] == ["refused", "refused"]
     s = _summary(res, label, "initial", "MMLU_ID_test_mcq_refuse")
+    assert s["judgements"] == "MMLU_ID_test_mcq_refuse.judged.jsonl"
     assert s["counts"]["refused"] >= 2 and s["Pr"] == pytest.approx(100 * s["counts"]["refused"] / 6, abs=1e-3)
+    ev = next(e for e in load_evals(res / label) if e.path == path)
+    assert ev.outcomes()[:2] == ["refused", "refused"] and not any(e.path.name.endswith(".judged.jsonl") for e in load_evals(res / label))
+    # a judgement applies to the reply it judged only: a reply replaced since (a restarted run) keeps its own verdict
+    records[1]["reply"] = "B"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert read_eval_records(path)[1]["outcome"] == records[1]["outcome"]
 
 
 def test_crss_column_follows_the_tuned_model_to_its_training_set(tmp_path):

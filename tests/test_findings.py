@@ -17,7 +17,10 @@ def _run(res, model, row, test_set, outcomes, abstain=None, ap=None):
     """One evaluation on disk as the loaders read it: a summary and its per-question records."""
     d = res / model / "eval" / row
     d.mkdir(parents=True, exist_ok=True)
-    recs = [{"id": f"q{i:03d}", "outcome": o, "should_abstain": bool(abstain[i]) if abstain is not None else False}
+    recs = [{"id": f"q{i:03d}", "group": "g", "question": "Q?", "gold": "x", "aliases": [], "reply": "r",
+             "continued": False, "rtuning_verdict": None, "outcome": o, "outcome_broad": o, "answer": "r",
+             "answer_conf": 0.5, "ap_correct": o == "correct", "method": row, "test_set": test_set, "template": "t",
+             "should_abstain": bool(abstain[i]) if abstain is not None else False}
             for i, o in enumerate(outcomes)]
     (d / f"{test_set}_t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     summary = {"Pc": 0.0, "row": row, "model": model, "test_set": test_set, "template": "t", "n": len(recs), "AP": ap,

@@ -13,6 +13,7 @@ import torch
 from kb.data import load_split, shots_for, subset
 from kb.paths import REPO_ROOT
 from kb.prompts import PromptFormat, render
+from kb.records import read_probe_records
 
 
 def run_script(script, *args, check=True):
@@ -48,7 +49,9 @@ def test_mcq_scoring_matches_one_at_a_time_reference(tmp_path, tiny_model_dir, t
 
     main(probe_args(tmp_path, tiny_model_dir, "--limit", 40, "--shots", shots, "--batch-size", 7, "--method", "unsure"))
     name = f"MMLU_ID_train_{shots}shot"
-    recs = [json.loads(x) for x in (tmp_path / "td" / "tiny-llama" / f"probe_{name}.jsonl").read_text().splitlines()]
+    path = tmp_path / "td" / "tiny-llama" / f"probe_{name}.jsonl"
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    assert read_probe_records(path) == recs  # each record is a ProbeMCQRecord (kb.records)
     samples = subset(load_split("mmlu", "ID_train"), 40, 0)
     assert [r["id"] for r in sorted(recs, key=lambda r: r["id"])] == sorted(s.id for s in samples)
     by_id = {r["id"]: r for r in recs}
@@ -120,6 +123,7 @@ def test_resume_after_interruption_gives_identical_records(tmp_path, tiny_model_
     path.write_text("".join(lines[:5]) + lines[5][:17])  # killed mid-write: a torn last line
     main(args)
     assert path.read_text().splitlines() != [] and sorted(path.read_text().splitlines()) == sorted(full.splitlines())
+    assert all("samples" in r and "entropy" in r for r in read_probe_records(path))  # ProbeOpenRecords, with R-Tuning-U
     # Different arguments must not mix into these records.
     with pytest.raises(SystemExit) as err:
         main(probe_args(tmp_path, tiny_model_dir, "--limit", 12, "--batch-size", 4, "--method", "uncertain", "--seed", 3))

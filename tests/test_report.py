@@ -31,8 +31,8 @@ def probe_only_tree(root: Path, model: str = "m1") -> None:
     """MMLU: astronomy 3/4 right, virology 1/4 right; ParaRel: P17 2/2, P36 0/2."""
     recs = [_mcq(i, "astronomy", i < 3, 0.9) for i in range(4)] + [_mcq(i, "virology", i == 4, 0.3) for i in range(4, 8)]
     _jsonl(root / "training_data" / model / "probe_MMLU_ID_train_5shot.jsonl", recs)
-    open_recs = [{"id": f"pararel/{i}", "group": rel, "question": f"q{i}", "gold": "x", "answer": "x" if ok else "y",
-                  "correct": ok, "answer_conf": 0.8 if ok else 0.2}
+    open_recs = [{"id": f"pararel/{i}", "group": rel, "question": f"q{i}", "gold": "x", "aliases": [],
+                  "generation": "x." if ok else "y.", "answer": "x" if ok else "y", "correct": ok, "answer_conf": 0.8 if ok else 0.2}
                  for i, (rel, ok) in enumerate([("P17", True), ("P17", True), ("P36", False), ("P36", False)])]
     _jsonl(root / "training_data" / model / "probe_ParaRel_ID_train.jsonl", open_recs)
 
@@ -72,8 +72,10 @@ def full_tree(root: Path, model: str = "m1") -> None:
     # craft: 5 correct, 2 wrong, 3 refused (one of which had the right argmax letter: ap_correct).
     def ev(method: str, i: int, outcome: str, sure: float, conf: float, ap_ok: bool) -> dict:
         return {"id": f"arc/{i}", "group": "science", "question": "q", "gold": "A", "choices": ["a", "b", "c", "d"],
-                "reply": "A", "outcome": outcome, "outcome_broad": outcome, "method": method, "test_set": "MMLU_val",
-                "template": "mcq_refuse", "answer_conf": conf, "sure_prob": sure, "ap_correct": ap_ok}
+                "reply": "A", "continued": False, "rtuning_verdict": None, "outcome": outcome, "outcome_broad": outcome,
+                "letter_probs": [conf, 1 - conf, 0.0, 0.0], "pred": "A" if ap_ok else "B", "answer_conf": conf,
+                "ap_correct": ap_ok, "sure_prob": sure, "method": method, "test_set": "MMLU_val", "template": "mcq_refuse",
+                "should_abstain": False}
     init = [ev("initial", i, o, 0.5, c, o == "correct")
             for i, (o, c) in enumerate([("correct", 0.9)] * 4 + [("incorrect", 0.4)] * 4 + [("fail_parse", 0.3)] * 2)]
     craft = [ev("craft", i, o, s, 0.7, o == "correct" or i == 7)
@@ -205,3 +207,31 @@ def test_ths_of_a_subset_evaluation_uses_the_initial_model_on_the_same_questions
     row = _row((tmp_path / "results" / "report.md").read_text(), "van")
     # Pc 50, Pw 16.67: THS = (50 * 66.67 - 16.67 * 33.33) / 66.67 = 41.67 (against all 10 questions: 33.33)
     assert row[2] == "6" and row[3].startswith("50.0 [") and row[7].startswith("41.7 [")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("outcome", "wrong", "must be one of correct, incorrect, refused, fail_parse, got 'wrong'"),  # an alias no stage writes
+    ("method", None, "must be a string, got null"),
+    ("sure_prob", 2.0, "must lie in [0, 1], got 2.0"),
+])
+def test_bad_evaluation_record_is_one_line_naming_file_row_field(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                 field: str, value: object, message: str) -> None:
+    full_tree(tmp_path)
+    path = tmp_path / "results" / "m1" / "eval" / "craft" / "MMLU_val_mcq_refuse.jsonl"
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    recs[3][field] = value
+    _jsonl(path, recs)
+    with pytest.raises(SystemExit) as exit_:
+        report.main(["--output-dir", str(tmp_path / "training_data"), "--results-dir", str(tmp_path / "results")])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err == f"error: {path}: row 4: field '{field}': {message}"
+
+
+def test_bad_probe_record_is_one_line(tmp_path: Path) -> None:
+    probe_only_tree(tmp_path)
+    path = tmp_path / "training_data" / "m1" / "probe_ParaRel_ID_train.jsonl"
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    del recs[1]["correct"]
+    _jsonl(path, recs)
+    with pytest.raises(KbError, match=r"probe_ParaRel_ID_train.jsonl: row 2: field 'correct': missing field$"):
+        build_report(tmp_path / "training_data", tmp_path / "results")

@@ -103,8 +103,10 @@ def _write_initial(res, dataset, split, records):
 
     rec_path, sum_path, meta_path = eval_paths(res, "m", "initial", dataset, split, "open_basic")
     rec_path.parent.mkdir(parents=True, exist_ok=True)
-    full = [{**r, "reply": "", "ap_correct": r["outcome"] == "correct", "test_set": test_name(dataset, split)}
-            for r in records]
+    full = [{"id": r["id"], "group": "g", "question": "q", "gold": "x", "aliases": [], "reply": "", "continued": False,
+             "rtuning_verdict": None, "outcome": r["outcome"], "outcome_broad": r["outcome_broad"], "answer": "",
+             "answer_conf": r["answer_conf"], "ap_correct": r["outcome"] == "correct", "method": "initial",
+             "test_set": test_name(dataset, split), "template": "open_basic", "should_abstain": False} for r in records]
     rec_path.write_text("".join(json.dumps(r) + "\n" for r in full))
     meta = {"run_key": {"dataset": dataset, "split": split, "prompt": {"template": "open_basic"}, "method": "initial",
                         "max_new_tokens": 16},

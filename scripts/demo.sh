@@ -85,7 +85,7 @@ THRESHOLD_TESTS=("${TESTS[@]}"); [[ $TRACK == open ]] && THRESHOLD_TESTS+=("${AB
 run $PY threshold_baseline.py --model "$LABEL" --train "$TRAIN_TEST" "${THRESHOLD_TESTS[@]}"
 for method in unsure unknown; do
   out=models/$LABEL/rtuning_${method}_$TRACK
-  run $PY finetune.py --model "$MODEL" --config "$FT" --set max_steps="$RT_STEPS" --output-dir "$out" \
+  run $PY finetune.py --model "$MODEL" --recipe "$FT" --set max_steps="$RT_STEPS" --output-dir "$out" \
     --train-file "training_data/$LABEL/rtuning_${method}_${RT_NAME}_text2text.json"
   evaluate --model "$out" --method "rtuning_$method"
 done
@@ -99,8 +99,8 @@ if [[ $TRACK == open ]]; then
   # A 135M model is rarely sure of a sampled answer 10 times out of 10 with near-identical wording
   # (the paper's Cor >= 0.995 and Cer >= 0.995): relaxed, recorded in the outputs as `relaxed`.
   run $PY rehearsal_finetune.py --model "$MODEL" --dataset pararel --split ID_train --n-rehearsal "${N_REHEARSAL:-32}" \
-    --train-config configs/rehearsal_demo_cpu.yaml --min-cor "${MIN_COR:-0.6}" --min-cer "${MIN_CER:-0.5}" \
-    --train-set learning_rate=1e-3  # a few LoRA steps at the paper's 2e-4 leave M~ = M0 (no flow at all)
+    --recipe configs/rehearsal_demo_cpu.yaml --min-cor "${MIN_COR:-0.6}" --min-cer "${MIN_CER:-0.5}" \
+    --recipe-set learning_rate=1e-3  # a few LoRA steps at the paper's 2e-4 leave M~ = M0 (no flow at all)
   # N_van : N_idk = 3 : 1, near the paper's 4 : 1; the vanilla pool (Cor >= 0.5) holds only what the model knows.
   # Most questions a small model never answers right have Cor = 0, which cannot fall: the `keep` tie rule
   # (delta-mu <= 0) keeps them as "I don't know" candidates; `drop` (the strict rule) would discard them.
@@ -110,12 +110,12 @@ else
   run $PY query_state.py --model "$MODEL" --dataset mmlu --split ID_train --limit "$N_SOURCE"
   # A 135M model is never 99% sure of an MMLU answer: the rehearsal threshold is relaxed (recorded as `relaxed`).
   run $PY rehearsal_finetune.py --model "$MODEL" --dataset mmlu --split ID_train --n-rehearsal "${N_REHEARSAL:-32}" \
-    --train-config configs/rehearsal_demo_cpu.yaml --min-cor "${MIN_COR:-0.4}"
+    --recipe configs/rehearsal_demo_cpu.yaml --min-cor "${MIN_COR:-0.4}"
   run $PY build_rait.py --model "$MODEL" --dataset mmlu --split ID_train --n-van "${N_VAN:-50}" --n-idk "${N_IDK:-50}"
 fi
 for method in van cor_rait corcer_rait craft_wo_cer craft; do
   out=models/$LABEL/${method}_$TRACK
-  run $PY finetune.py --model "$MODEL" --config "$FT" --set max_steps="$RAIT_STEPS" --output-dir "$out" \
+  run $PY finetune.py --model "$MODEL" --recipe "$FT" --set max_steps="$RAIT_STEPS" --output-dir "$out" \
     --train-file "training_data/$LABEL/rait_${method}_${SOURCE_NAME}_text2text.json"
   evaluate --model "$out" --method "$method"
 done

@@ -1,15 +1,16 @@
 """Fine-tune a model on a refusal-aware training file in LMFlow's format (Task 2.2.1).
 
 Inputs: a training file from training_data/ (text_only: loss on every token; text2text: loss on the
-output only) and a recipe from configs/ that pins every hyperparameter (override one with
+output only) and a recipe from configs/ (--recipe) that pins every hyperparameter (override one with
 --set key=value, e.g. --set learning_rate=1e-4 --set lora.r=8). Trains with TRL's SFTTrainer
-(LoRA or full) and resumes from the last checkpoint when rerun with the same settings.
-Outputs, in --output-dir (default models/<model>/<config>__<training file>): the LoRA adapter or the
-full model, kb_base_model.json (so `--model <dir>` loads it everywhere), config.yaml (resolved),
+(LoRA or full) and resumes from the last checkpoint when rerun with the same settings. --config is,
+as in every stage, a YAML of this script's own flags (recipe: ..., train-file: ...).
+Outputs, in --output-dir (default models/<model>/<recipe>__<training file>): the LoRA adapter or the
+full model, kb_base_model.json (so `--model <dir>` loads it everywhere), config.yaml (resolved recipe),
 kb_finetune.json (provenance, losses, wall time), loss.json and loss.png; a copy of the loss curve
 goes to results/<model>/finetune/<run>/.
 
-    python finetune.py --config configs/finetune_cpu_demo.yaml \
+    python finetune.py --recipe configs/finetune_cpu_demo.yaml \
         --train-file training_data/smollm2-135m/rtuning_unknown_MMLU_ID_train_0shot_text2text.json
 """
 
@@ -18,31 +19,25 @@ from __future__ import annotations
 import argparse
 import shutil
 
-from kb.config import add_common_args
+from kb.config import add_common_args, parse_with_config
 from kb.errors import KbError, cli_main
-from kb.finetune import (
-    default_output_dir,
-    describe_fields,
-    finetune,
-    finish_lmflow,
-    parse_overrides,
-    prepare_lmflow,
-    resolve_config,
-    summary_line,
-)
+from kb.finetune import finetune
 from kb.io import read_json
+from kb.lmflow import finish_lmflow, prepare_lmflow
 from kb.models import resolve_model
 from kb.paths import repo_path
+from kb.recipe import describe_recipe, load_recipe, parse_overrides
+from kb.tuned import default_output_dir, summary_line
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="config keys:\n" + describe_fields())
+                                epilog="recipe keys:\n" + describe_recipe())
     add_common_args(p)
-    p.add_argument("--config", required=True, help="fine-tuning recipe (YAML under configs/)")
+    p.add_argument("--recipe", required=True, help="fine-tuning recipe (YAML under configs/, e.g. configs/finetune_rtuning.yaml)")
     p.add_argument("--train-file", required=True, help="LMFlow-format JSON (text_only or text2text)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable; lora.<key> for the LoRA section)")
+                   help="override a recipe key (repeatable; lora.<key> for the LoRA section)")
     p.add_argument("--lmflow", choices=["args", "prepare", "finish"], default=None,
                    help="do not train: print the same run's flags for LMFlow's examples/finetune.py, one per line "
                         "(prepare: also stage the data folder and kb_base_model.json; finish: after LMFlow's run, "
@@ -54,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_with_config(build_parser(), argv, hint="a training recipe goes to --recipe")
     if args.adapter:
         raise KbError("--adapter: fine-tuning starts from a full model; merge the adapter first")
     overrides = parse_overrides(args.set)
@@ -62,26 +57,24 @@ def main(argv: list[str] | None = None) -> None:
         overrides["max_train_samples"] = args.limit
     if args.batch_size is not None:
         overrides["per_device_train_batch_size"] = args.batch_size
-    _, cfg_name = resolve_config(args.config, overrides, args.seed)  # fail on a bad config before anything loads
+    recipe, name = load_recipe(args.recipe, overrides, args.seed)  # a bad recipe fails before anything loads
     out = repo_path(args.output_dir) if args.output_dir else default_output_dir(
-        resolve_model(args.model)[1], cfg_name, args.train_file)
+        resolve_model(args.model)[1], name, args.train_file)
     if args.lmflow == "finish":
-        meta = read_json(finish_lmflow(out, args.config, seed=args.seed, overrides=overrides) / "kb_finetune.json")
+        meta = read_json(finish_lmflow(out, recipe, name) / "kb_finetune.json")
         print(f"LMFlow run: {meta['steps']} steps, loss {meta['first_loss']} -> {meta['last_loss']}, "
               f"{meta['train_wall_s']} s -> {out}")
         return
     if args.lmflow:
-        flags = prepare_lmflow(args.train_file, args.config, args.model, out, seed=args.seed, overrides=overrides,
-                               write=args.lmflow == "prepare")
-        print("\n".join(flags))
+        print("\n".join(prepare_lmflow(args.train_file, recipe, name, args.model, out, write=args.lmflow == "prepare")))
         return
-    out = finetune(args.train_file, args.config, args.model, out, seed=args.seed, overrides=overrides,
-                   resume=not args.restart, trust_remote_code=args.trust_remote_code, revision=args.revision)
+    out = finetune(args.train_file, recipe, args.model, out, recipe_name=name, resume=not args.restart,
+                   trust_remote_code=args.trust_remote_code, revision=args.revision)
     label = resolve_model(args.model)[1]
     res = repo_path(args.results_dir or "results") / label / "finetune" / out.name
     res.mkdir(parents=True, exist_ok=True)
-    for name in ("loss.json", "loss.png", "kb_finetune.json"):
-        shutil.copyfile(out / name, res / name)
+    for file in ("loss.json", "loss.png", "kb_finetune.json"):
+        shutil.copyfile(out / file, res / file)
     print(summary_line(out))
 
 

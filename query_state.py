@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = settings_from_args(args, lm.tokenizer)
     run_state_query(settings, lm, repo_path(args.output_dir) / lm.label, repo_path(args.results_dir) / lm.label,
                     f"state_{settings.name()}", restart=args.restart, max_batch_tokens=args.max_batch_tokens,
-                    extra_meta={"args": recorded_args(args)}, dist=dist)
+                    extra_meta={"args": recorded_args(args)}, dist=dist, data_root=args.data_root)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import common  # bench/common.py: puts the repo on sys.path, so it comes before 
 from kb import finetune as ft
 from kb.errors import cli_main
 from kb.io import write_json
+from kb.recipe import load_recipe
+from kb.tuned import META_FILE
 
 
 def run(trainer: str, args: argparse.Namespace, out: Path) -> dict:
@@ -29,13 +31,13 @@ def run(trainer: str, args: argparse.Namespace, out: Path) -> dict:
         from trl import SFTTrainer
 
         saved, ft.completion_loss_trainer = ft.completion_loss_trainer, lambda: SFTTrainer
+    recipe, name = load_recipe(args.recipe, {"max_steps": args.steps, "logging_steps": 1})
     try:
-        run_dir = ft.finetune(args.train_file, args.config, args.model, out / trainer,
-                              overrides={"max_steps": args.steps, "logging_steps": 1}, resume=False)
+        run_dir = ft.finetune(args.train_file, recipe, args.model, out / trainer, recipe_name=name, resume=False)
     finally:
         if trainer == "trl":
             ft.completion_loss_trainer = saved
-    meta = json.loads((run_dir / ft.META_FILE).read_text())
+    meta = json.loads((run_dir / META_FILE).read_text())
     loss = json.loads((run_dir / "loss.json").read_text())["loss"]
     return {"trainer": trainer, "steps": meta["steps"], "train_wall_s": meta["train_wall_s"],
             "s_per_step": round(meta["train_wall_s"] / meta["steps"], 3), "loss": loss}
@@ -46,7 +48,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-file", required=True, help="an LMFlow file (the demo writes R-Tuning's to training_data/)")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--config", default="configs/finetune_cpu_demo.yaml")
+    p.add_argument("--recipe", default="configs/finetune_cpu_demo.yaml", help="fine-tuning recipe (configs/)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--out", default="bench/results/cpu/finetune_step.json")
     args = p.parse_args()
@@ -58,7 +60,7 @@ def main() -> None:
     for r, name in zip(rows, ("TRL SFTTrainer (baseline)", "kb (labelled positions)")):
         print(f"{name:<28}{r['steps']:>6}{r['s_per_step']:>9.2f}")
     print(f"speed-up {base['s_per_step'] / ours['s_per_step']:.2f}x; largest logged-loss difference {diff:.2e}")
-    write_json(common.ROOT / args.out, {"model": args.model, "config": args.config, "train_file": args.train_file,
+    write_json(common.ROOT / args.out, {"model": args.model, "recipe": args.recipe, "train_file": args.train_file,
                                          "runs": rows, "speedup": round(base["s_per_step"] / ours["s_per_step"], 3),
                                          "max_loss_diff": diff})
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import yaml
 
 from kb.errors import KbError
+from kb.io import read_text
 from kb.paths import repo_path
 
 BASE_KEY = "base"  # a YAML file may start from another: `base: other.yaml` (path relative to the file)
@@ -24,8 +26,6 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def load_yaml(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """A YAML mapping; with `base: other.yaml` its keys go on top of that file's (resolved the same way)."""
-    from kb.io import read_text
-
     p = repo_path(path)
     if not p.is_file():
         raise KbError(f"{p}: config file not found")
@@ -77,11 +77,22 @@ def _check_type(action: argparse.Action, value: Any, where: str) -> Any:
     return str(value)
 
 
-def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse flags, letting a --config YAML fill in defaults; unknown YAML keys are errors."""
+def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
+                      hint: str = "") -> argparse.Namespace:
+    """Parse flags, letting a --config YAML fill in defaults (required flags too); unknown YAML keys are
+    errors, followed by `hint` when given (e.g. where a file of another kind belongs)."""
     if not any(a.dest == "config" for a in parser._actions):
         parser.add_argument("--config", default=None, help="YAML file of option: value (flags override it)")
-    first, _ = parser.parse_known_args(argv)
+    args_in = sys.argv[1:] if argv is None else list(argv)
+    # The YAML may supply required flags: they are checked on the second pass (--help shows them as required).
+    required = [] if {"-h", "--help"} & set(args_in) else [a for a in parser._actions if a.required]
+    for action in required:
+        action.required = False
+    try:
+        first, _ = parser.parse_known_args(argv)
+    finally:
+        for action in required:
+            action.required = True
     if first.config:
         data = load_yaml(first.config)
         dests = {a.dest for a in parser._actions}
@@ -89,20 +100,17 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
         unknown = sorted(k for k in norm if k not in dests or k in {"help", "config"})
         if unknown:
             raise KbError(f"{repo_path(first.config)}: unknown key(s) {', '.join(unknown)}; "
-                          f"valid: {', '.join(sorted(d for d in dests if d not in {'help', 'config'}))}")
+                          f"valid: {', '.join(sorted(d for d in dests if d not in {'help', 'config'}))}"
+                          + (f" ({hint})" if hint else ""))
         for action in parser._actions:
             if action.dest in norm:
                 norm[action.dest] = _check_type(action, norm[action.dest], str(repo_path(first.config)))
+                action.required = False  # given by the YAML
             if action.dest in norm and action.choices is not None and norm[action.dest] not in action.choices:
                 raise KbError(f"{repo_path(first.config)}: field '{action.dest}': {norm[action.dest]!r} "
                               f"not one of {list(action.choices)}")
         parser.set_defaults(**norm)
-    args = parser.parse_args(argv)
-    if hasattr(args, "data_root"):
-        from kb.data import set_data_root
-
-        set_data_root(args.data_root)
-    return args
+    return parser.parse_args(argv)
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, model: bool = True, queries: bool = True) -> None:

@@ -74,12 +74,13 @@ def dataset_spec(name: str) -> DatasetSpec:
 
 
 def load_split(dataset: str, split: str, data_root: str | Path | None = None) -> list[Sample]:
-    """Load one registered split; validates every row and rejects empty sets and duplicate ids."""
+    """Load one registered split (from `data_root`, a folder laid out like data/; default the repo's);
+    validates every row and rejects empty sets and duplicate ids."""
     spec = dataset_spec(dataset)
     if split not in spec.splits:
         raise KbError(f"dataset {spec.name!r} has no split {split!r}; splits: {', '.join(spec.splits)}")
     loader = _LOADERS[spec.loader]
-    samples = loader(spec, split, dict(spec.splits[split]), Path(data_root) if data_root else None)
+    samples = loader(spec, split, dict(spec.splits[split]), data_root_path(data_root))
     if not samples:
         raise KbError(f"dataset {spec.name} split {split}: no questions found (empty dataset)")
     seen: set[str] = set()
@@ -90,18 +91,15 @@ def load_split(dataset: str, split: str, data_root: str | Path | None = None) ->
     return samples
 
 
-_DATA_ROOT: Path | None = None  # set by --data-root (kb.config); None = the repo's data/
-
-
-def set_data_root(path: str | Path | None) -> None:
-    """Read datasets from another folder laid out like the repo's data/ (the --data-root flag)."""
-    global _DATA_ROOT
-    _DATA_ROOT = repo_path(path) if path and repo_path(path) != repo_path("data") else None
-    _shot_pool.cache_clear()
+def data_root_path(data_root: str | Path | None) -> Path | None:
+    """--data-root as the loaders take it: a folder laid out like the repo's data/ (relative paths from
+    the repo root), or None for the repo's own data/."""
+    if not data_root or repo_path(data_root) == repo_path("data"):
+        return None
+    return repo_path(data_root)
 
 
 def _resolve(rel: str, data_root: Path | None) -> Path:
-    data_root = data_root or _DATA_ROOT
     path = repo_path(rel) if data_root is None else data_root / Path(rel).relative_to("data")
     if not path.exists():
         raise KbError(f"{path}: data file not found (is the repo's data/ folder complete?)")
@@ -244,8 +242,6 @@ def _selfaware_json(spec: DatasetSpec, split: str, args: dict[str, Any], data_ro
     ParaRel's); unanswerable ones have none (answer ""). group: answerable | unanswerable. The split's
     `answerable` (true / false) keeps one kind; absent keeps both."""
     path = _resolve(args["file"], data_root)
-    from kb.io import read_json
-
     data = read_json(path)
     rows = data.get("example") if isinstance(data, dict) else None
     if not isinstance(rows, list):
@@ -340,14 +336,14 @@ def load_mmlu_from_hub(split: str = "test") -> list[Sample]:
     return out
 
 
-def shots_for(dataset: str, k: int, group: str | None = None) -> list[Sample]:
+def shots_for(dataset: str, k: int, group: str | None = None, data_root: str | Path | None = None) -> list[Sample]:
     """k solved examples from the dataset's shot split, same group (subject) where the split has it."""
     if k == 0:
         return []
     spec = dataset_spec(dataset)
     if spec.shots_from is None:
         raise KbError(f"dataset {spec.name!r} has no split to draw few-shot examples from; use --shots 0")
-    pool = _shot_pool(spec.name, spec.shots_from)
+    pool = _shot_pool(spec.name, spec.shots_from, data_root_path(data_root))
     same = [s for s in pool if group and s.group == group]
     chosen = (same or pool)[:k]
     if len(chosen) < k:
@@ -356,8 +352,8 @@ def shots_for(dataset: str, k: int, group: str | None = None) -> list[Sample]:
 
 
 @functools.cache
-def _shot_pool(dataset: str, split: str) -> list[Sample]:
-    return load_split(dataset, split)
+def _shot_pool(dataset: str, split: str, data_root: Path | None) -> list[Sample]:
+    return load_split(dataset, split, data_root)
 
 
 def json_rows_to_samples(path: Path, rows: Any, dataset: str, split: str) -> list[Sample]:

@@ -170,7 +170,7 @@ def evaluate_set(lm: LoadedModel, label: str, method: str, tuned: bool, dataset:
     spec = dataset_spec(dataset)
     kind = spec.kind
     template = template_for(template_arg, kind)
-    samples = subset(load_split(dataset, split), args.limit, args.seed)
+    samples = subset(load_split(dataset, split, args.data_root), args.limit, args.seed)
     tok = lm.tokenizer
     chat = resolve_chat(args.chat_template, tok)
     fmt = PromptFormat(template, 0, chat)
@@ -612,7 +612,7 @@ def run_eval(args: argparse.Namespace) -> list[dict[str, Any]]:
     if getattr(args, "baseline", None) and len(tests) > 1:
         raise KbError("--baseline names one summary, so give exactly one --test with it")
     for ds, split, _ in pairs:  # fail on missing data before the model loads
-        subset(load_split(ds, split), args.limit, args.seed)
+        subset(load_split(ds, split, args.data_root), args.limit, args.seed)
     if not re.fullmatch(r"[A-Za-z0-9._-]+", method):
         raise KbError(f"--method {method!r}: use letters, digits, '.', '_' or '-' (it names a results folder)")
     if getattr(args, "reclassify", False):

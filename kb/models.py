@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kb.errors import KbError
+from kb.io import read_json, write_json
 from kb.paths import cache_dir, repo_path, slug
 
 # Offline models shipped as PyPI packages (requirements-models.txt). `hub` is the same model's hub id.
@@ -128,8 +129,6 @@ def _file_digest(path: Path) -> str:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 h.update(chunk)
         table[key] = h.hexdigest()
-        from kb.io import write_json
-
         write_json(memo, table)
     return table[key]
 
@@ -306,13 +305,25 @@ def check_model_dir(source: Path | str) -> None:
     """A local checkpoint must have a readable config.json and weight files (one line naming what is missing)."""
     if not isinstance(source, Path) or not source.is_dir():
         return
-    from kb.io import read_json
-
     cfg = read_json(source / "config.json")
     if not isinstance(cfg, dict):
         raise KbError(f"{source / 'config.json'}: must be a JSON object")
     if not any(p.suffix in WEIGHT_SUFFIXES for p in source.iterdir()):
         raise KbError(f"model dir {source} has no weight files (*.safetensors, *.bin); the copy is incomplete")
+
+
+def load_tokenizer(model: str, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """Only the tokenizer of a model (for its chat template): building training data needs no weights."""
+    from transformers import AutoTokenizer
+
+    source, _, _ = resolve_model(model)  # a state file names its base model, never an adapter dir
+    check_remote_code(model, source, trust_remote_code, revision)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                            revision=revision if isinstance(source, str) else None)
+    except (OSError, ValueError) as err:
+        raise KbError(f"tokenizer of {model!r} could not be loaded: {str(err).splitlines()[0][:200]}") from None
+    return tok
 
 
 def model_label(name: str, adapter: str | None = None) -> str:
@@ -329,16 +340,17 @@ def load_model(
     for_training: bool = False,
     revision: str | None = None,
 ) -> LoadedModel:
-    """Load model + tokenizer (and a PEFT adapter on top when given) ready for scoring."""
-    import torch
+    """Load model + tokenizer (and a PEFT adapter on top when given) ready for scoring.
+
+    For scoring (for_training False) the weights are frozen (requires_grad off) on this model object
+    only; nothing global is switched, so a fine-tune later in the same process trains normally. The
+    scoring paths run under torch.inference_mode() themselves."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, label, how = resolve_model(name)
     base_name = name
     if isinstance(source, Path) and (source / "adapter_config.json").exists() and not (source / "config.json").exists():
         adapter = adapter or str(source)
-        from kb.io import read_json
-
         acfg = read_json(source / "adapter_config.json")
         base_name = (acfg.get("base_model_name_or_path") if isinstance(acfg, dict) else None) or ""
         base_meta = source / "kb_base_model.json"
@@ -396,8 +408,7 @@ def load_model(
         label = slug(str(apath))
     model.to(device)
     if not for_training:
-        model.eval()
-        torch.set_grad_enabled(False)
+        model.eval().requires_grad_(False)
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=base_name if adapter else name, label=label,
         source=str(source), fingerprint=fingerprint, device=device, dtype=dtype, adapter=adapter,

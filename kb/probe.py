@@ -84,9 +84,9 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
     """Probe one split; `tag` (e.g. a non-default template name) keeps differently-made files apart."""
     spec = dataset_spec(dataset)
     methods = methods_from_arg(args.method)
-    samples = subset(load_split(dataset, split), args.limit, args.seed)
+    samples = subset(load_split(dataset, split, args.data_root), args.limit, args.seed)
     PromptFormat(template, args.shots).check()  # validate everything cheap before loading a model
-    shots = {g: shots_for(dataset, args.shots, g) for g in dict.fromkeys(s.group for s in samples)}
+    shots = {g: shots_for(dataset, args.shots, g, args.data_root) for g in dict.fromkeys(s.group for s in samples)}
     name = f"{display_name(dataset)}_{split}" + (f"_{args.shots}shot" if spec.kind == "mcq" else "") + (f"_{tag}" if tag else "")
     # One writer per record file: a second run stops here, before it spends minutes loading the model.
     lock_output(rank_path(repo_path(args.output_dir) / model_label(args.model, args.adapter) / f"probe_{name}.jsonl"))

@@ -8,6 +8,9 @@ from typing import Any
 
 from kb.data import LETTERS, Sample, registry
 from kb.errors import KbError
+from kb.statefile import StateRecord
+
+REFUSE_TEMPLATE = {"mcq": "mcq_refuse", "open": "open_refuse"}  # the REFUSE evaluation prompt (docs/method.md section 8)
 
 
 def templates() -> dict[str, dict[str, str]]:
@@ -126,6 +129,28 @@ def letter_rule(fmt: PromptFormat) -> str:
 def join_answer(prompt: str, answer: str) -> str:
     """Text between prompt and answer: a space after 'Answer:', nothing after a newline or space."""
     return "" if not prompt or prompt[-1] in " \n" else " "
+
+
+# Training data from state records: shared by RAIT sets (kb.rait) and the rehearsal set (kb.rehearsal),
+# so both train on exactly the prompt evaluation asks with.
+
+
+def sample_of(rec: StateRecord) -> Sample:
+    """The question of a state record as a Sample, to render prompts without reloading the dataset."""
+    return Sample(rec["id"], rec["question"], rec["gold"], tuple(rec.get("choices", ())), tuple(rec.get("aliases", ())),
+                  rec["group"])
+
+
+def training_prompt(rec: StateRecord, tokenizer: Any, chat: bool) -> str:
+    """The REFUSE prompt (0-shot) that RAIT and rehearsal data train on, as evaluation renders it."""
+    fmt = PromptFormat(REFUSE_TEMPLATE[rec["kind"]], 0, chat)
+    fmt.check()
+    return render(sample_of(rec), fmt, [], tokenizer)
+
+
+def training_instance(prompt: str, answer: str) -> dict[str, str]:
+    """One LMFlow text2text instance: the answer joined to the prompt as a model would continue it."""
+    return {"input": prompt, "output": join_answer(prompt, answer) + answer}
 
 
 def rtuning_suffix(sure: bool) -> str:

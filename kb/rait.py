@@ -22,16 +22,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kb.data import Sample
+from kb.crss import crss_report
 from kb.errors import KbError
+from kb.io import write_json
+from kb.lmflow import make_dataset, to_text_only, write_dataset
+from kb.models import load_tokenizer, resolve_model
 from kb.paths import repo_path
-from kb.prompts import PromptFormat, join_answer, render
-from kb.statefile import FlowRecord, StateRecord, source_name
+from kb.prompts import REFUSE_TEMPLATE, resolve_chat, training_instance, training_prompt
+from kb.provenance import git_commit, package_versions
+from kb.statefile import (
+    FlowRecord,
+    StateRecord,
+    check_flow_matches,
+    load_flow,
+    load_reps,
+    load_state,
+    source_name,
+    state_identity,
+)
 
 METHODS = ("van", "cor_rait", "corcer_rait", "craft_wo_cer", "craft")
 NEEDS_FLOW = frozenset({"craft_wo_cer", "craft"})
 IDK_ANSWER = "I don't know."
-REFUSE_TEMPLATE = {"mcq": "mcq_refuse", "open": "open_refuse"}  # the REFUSE evaluation prompt (docs/method.md section 8)
 TIE_RULES = ("drop", "keep")
 DEFAULT_N = {"mcq": (4000, 1000), "open": (8000, 2000)}  # CRaFT: MMLU 4,000 / 1,000; TriviaQA 8,000 / 2,000
 
@@ -109,23 +121,6 @@ def select(method: str, states: Sequence[StateRecord], flows: dict[str, FlowReco
                      _top_by_certainty(idk1, p.n_idk, False, f"{tag}|idk"), pools)
 
 
-def sample_of(rec: StateRecord) -> Sample:
-    """The question of a state record as a Sample, to render prompts without reloading the dataset."""
-    return Sample(rec["id"], rec["question"], rec["gold"], tuple(rec.get("choices", ())), tuple(rec.get("aliases", ())),
-                  rec["group"])
-
-
-def training_prompt(rec: StateRecord, tokenizer: Any, chat: bool) -> str:
-    """The REFUSE prompt (0-shot) that RAIT and rehearsal data train on, as evaluation renders it."""
-    fmt = PromptFormat(REFUSE_TEMPLATE[rec["kind"]], 0, chat)
-    fmt.check()
-    return render(sample_of(rec), fmt, [], tokenizer)
-
-
-def instance(prompt: str, answer: str) -> dict[str, str]:
-    return {"input": prompt, "output": join_answer(prompt, answer) + answer}
-
-
 def build_instances(sel: Selection, by_id: dict[str, StateRecord], tokenizer: Any, chat: bool,
                     seed: int) -> tuple[list[dict[str, str]], list[tuple[str, str]]]:
     """LMFlow text2text instances: vanilla keeps the gold answer (MCQ: its letter), idk says "I don't know."."""
@@ -134,28 +129,12 @@ def build_instances(sel: Selection, by_id: dict[str, StateRecord], tokenizer: An
     for rid, label in order:
         rec = by_id[rid]
         answer = rec["gold"] if label == "van" else IDK_ANSWER
-        out.append(instance(training_prompt(rec, tokenizer, chat), answer))
+        out.append(training_instance(training_prompt(rec, tokenizer, chat), answer))
     return out, order
 
 
 # ----------------------------------------------------------------------------------------------------
 # The build_rait.py stage
-
-
-def load_tokenizer(model: str, trust_remote_code: bool = False, revision: str | None = None) -> Any:
-    """Only the tokenizer of a model (for its chat template): building data needs no weights."""
-    from transformers import AutoTokenizer
-
-    from kb.models import check_remote_code, resolve_model
-
-    source, _, _ = resolve_model(model)  # a state file names its base model, never an adapter dir
-    check_remote_code(model, source, trust_remote_code, revision)
-    try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                            revision=revision if isinstance(source, str) else None)
-    except (OSError, ValueError) as err:
-        raise KbError(f"tokenizer of {model!r} could not be loaded: {str(err).splitlines()[0][:200]}") from None
-    return tok
 
 
 def state_and_flow_paths(args: argparse.Namespace, label: str) -> tuple[Path, Path]:
@@ -187,14 +166,6 @@ def parse_sweep(arg: str) -> list[float]:
 
 def run_build(args: argparse.Namespace) -> dict[str, Any]:
     """Validate every input, build all requested sets and their CRSS in memory, then write them."""
-    from kb.crss import crss_report
-    from kb.io import write_json
-    from kb.lmflow import make_dataset, to_text_only, write_dataset
-    from kb.models import resolve_model
-    from kb.prompts import resolve_chat
-    from kb.provenance import git_commit, package_versions
-    from kb.statefile import check_flow_matches, load_flow, load_reps, load_state, state_identity
-
     methods = parse_methods(args.methods)
     sweep = parse_sweep(args.sweep)
     if not -1.0 <= args.tau_sim <= 1.0:

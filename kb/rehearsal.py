@@ -23,15 +23,24 @@ import numpy as np
 
 from kb.answers import normalise
 from kb.errors import KbError
+from kb.finetune import finetune
 from kb.io import write_json, write_jsonl
+from kb.lmflow import make_dataset, write_dataset
+from kb.locks import lock_output
+from kb.models import load_model, load_tokenizer, resolve_model
 from kb.paths import repo_path
+from kb.prompts import REFUSE_TEMPLATE, resolve_chat, training_instance, training_prompt
+from kb.provenance import git_commit, package_versions
+from kb.recipe import load_recipe, parse_overrides
 from kb.statefile import StateFile, StateRecord, flow_record, ids_digest, load_state, meta_path, source_name, state_identity
+from kb.tuned import default_output_dir
 
 MCQ_MIN_COR = 0.99  # strict: p(gold) > 0.99
 OPEN_MIN_COR = 0.995  # Cor >= 0.995 and Cer >= 0.995
 OPEN_MIN_CER = 0.995
 MAX_REHEARSAL = 1000
-TRAIN_CONFIGS = {"mcq": "configs/rehearsal_mcq_lora.yaml", "open": "configs/rehearsal_open_full.yaml"}
+# CRaFT trains the rehearsal like the track's final RAIT SFT, so the default recipes are those.
+RECIPES = {"mcq": "configs/finetune_craft_mcq_lora.yaml", "open": "configs/finetune_craft_open_full.yaml"}
 
 
 @dataclass(frozen=True)
@@ -98,12 +107,7 @@ def locate_state(args: argparse.Namespace, label: str) -> Path:
 
 def run_rehearsal(args: argparse.Namespace) -> dict[str, Any]:
     """Select -> write the rehearsal set -> fine-tune M0 -> query M~ -> write the flow. Resumable throughout."""
-    from kb.lmflow import make_dataset, write_dataset
-    from kb.models import load_model, resolve_model
-    from kb.prompts import resolve_chat
-    from kb.provenance import git_commit, package_versions
-    from kb.rait import instance, load_tokenizer, training_prompt
-    from kb.state import QuerySettings, run_state_query
+    from kb.state import QuerySettings, run_state_query  # the query engine (torch) loads only when a run starts
 
     _, label, _ = resolve_model(args.model)
     state_path = locate_state(args, label)
@@ -116,37 +120,29 @@ def run_rehearsal(args: argparse.Namespace) -> dict[str, Any]:
     chosen = select_rehearsal(state.records, rule, args.n_rehearsal, args.seed, str(state_path))
     tok = load_tokenizer(m0["name"], args.trust_remote_code, args.revision or m0.get("revision"))
     chat = resolve_chat(args.chat_template, tok)
-    train_config = args.train_config or TRAIN_CONFIGS[kind]
-    from kb.finetune import parse_overrides, resolve_config
-
-    overrides = parse_overrides(args.train_set)
-    cfg, _ = resolve_config(str(repo_path(train_config)), overrides)  # a bad recipe fails before anything is written
+    recipe_path = args.recipe or RECIPES[kind]
+    recipe, recipe_name = load_recipe(recipe_path, parse_overrides(args.recipe_set, "--recipe-set"))  # fails before writing
     name = state_path.name.removeprefix("state_").removesuffix(".jsonl")
     out_dir = state_path.parent
-    from kb.locks import lock_output
-
     lock_output(out_dir / f"flow_{name}.jsonl")  # one rehearsal run per flow file, before anything is written
     selection = {"rule": rule.describe(), "relaxed": rule.relaxed, "paper_rule": rehearsal_rule(kind).describe(),
                  "n_eligible": sum(rule.admits(r) for r in state.records), "n": len(chosen), "max_n": args.n_rehearsal,
                  "seed": args.seed, "ids": [r["id"] for r, _ in chosen], "answers": [a for _, a in chosen],
-                 "n_trained": min(len(chosen), cfg["max_train_samples"] or len(chosen))}
+                 "n_trained": min(len(chosen), recipe.max_train_samples or len(chosen))}
     if rule.relaxed:
         print(f"note: rehearsal rule relaxed to {rule.describe()} (paper: {selection['paper_rule']}); recorded in the outputs")
-    inst = [instance(training_prompt(r, tok, chat), a) for r, a in chosen]
+    inst = [training_instance(training_prompt(r, tok, chat), a) for r, a in chosen]
     train_file = out_dir / f"rehearsal_{name}.json"
     write_dataset(train_file, make_dataset("text2text", inst, {
         "stage": "rehearsal", "state": state_identity(state), "selection": selection,
-        "training_prompt": {"template": "mcq_refuse" if kind == "mcq" else "open_refuse", "shots": 0, "chat_template": chat}}))
+        "training_prompt": {"template": REFUSE_TEMPLATE[kind], "shots": 0, "chat_template": chat}}))
     print(f"rehearsal set: {len(chosen)} questions ({rule.describe()}) -> {train_file}"
           + (f"; the recipe trains on the first {selection['n_trained']}" if selection["n_trained"] < len(chosen) else ""))
 
-    from kb.finetune import default_output_dir, finetune  # the project's one trainer (kb/finetune.py)
-
-    tuned_dir = repo_path(args.tuned_dir) if args.tuned_dir else default_output_dir(label, Path(train_config).stem, train_file)
+    tuned_dir = repo_path(args.tuned_dir) if args.tuned_dir else default_output_dir(label, recipe_name, train_file)
     t0 = time.perf_counter()
-    tuned = finetune(train_file, str(repo_path(train_config)), m0["name"], tuned_dir, overrides=overrides,
-                     resume=not args.restart, trust_remote_code=args.trust_remote_code,
-                     revision=args.revision or m0.get("revision"))
+    tuned = finetune(train_file, recipe, m0["name"], tuned_dir, recipe_name=recipe_name, resume=not args.restart,
+                     trust_remote_code=args.trust_remote_code, revision=args.revision or m0.get("revision"))
     train_s = time.perf_counter() - t0
 
     lm1 = load_model(str(tuned), args.device, args.dtype, None, args.trust_remote_code)  # base revision: kb_base_model.json
@@ -155,7 +151,8 @@ def run_rehearsal(args: argparse.Namespace) -> dict[str, Any]:
     settings = QuerySettings.from_meta(state.meta)
     res_dir = repo_path(args.results_dir) / label
     run1 = run_state_query(settings, lm1, out_dir, res_dir, f"state_{name}_rehearsed", restart=args.restart,
-                           max_batch_tokens=args.max_batch_tokens, extra_meta={"rehearsal_of": state_identity(state)})
+                           max_batch_tokens=args.max_batch_tokens, extra_meta={"rehearsal_of": state_identity(state)},
+                           data_root=args.data_root)
     assert run1 is not None  # one process: the rehearsed query is not sharded
     after = run1.state
     if after.meta["questions"] != state.meta["questions"]:
@@ -163,7 +160,7 @@ def run_rehearsal(args: argparse.Namespace) -> dict[str, Any]:
     flows = [flow_record(r["id"], r, after.by_id[r["id"]]) for r in state.records]
     flow_path = out_dir / f"flow_{name}.jsonl"
     meta = {"stage": "flow", "state": state_identity(state), "model": m0,
-            "rehearsed_model": {"dir": str(tuned), "fingerprint": lm1.fingerprint, "train_config": train_config,
+            "rehearsed_model": {"dir": str(tuned), "fingerprint": lm1.fingerprint, "recipe": recipe_path,
                                 "train_file": train_file.name, "train_wall_s": round(train_s, 1)},
             "rehearsed_state": after.path.name, "rehearsal": {k: v for k, v in selection.items() if k != "answers"},
             "rehearsal_ids_digest": ids_digest(selection["ids"]), "definitions": {"d_mu": "Cor(M~) - Cor(M0)",

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from kb.answers import cut_at_period, normalise, open_correct
 from kb.config import CPU_BATCH_SIZE
-from kb.data import LETTERS, Sample, dataset_spec, load_split, shots_for, subset
+from kb.data import LETTERS, Sample, data_root_path, dataset_spec, load_split, shots_for, subset
 from kb.decode import decode_texts, question_key, use_decoder
 from kb.distributed import Dist, ShardedLog, shard
 from kb.engine import PrefixScorer, batch_seed, generate, letter_candidates, letter_probs, plan_batches
@@ -164,7 +164,8 @@ def render_query(sample: Sample, fmt: PromptFormat, shots: list[Sample], tokeniz
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def query_shots(dataset: str, split: str, sample: Sample, k: int, query_ids: set[str]) -> list[Sample]:
+def query_shots(dataset: str, split: str, sample: Sample, k: int, query_ids: set[str],
+                data_root: str | Path | None = None) -> list[Sample]:
     """k solved examples for one question, never from the questions being queried.
 
     MMLU draws from dev (as the probe does). ParaRel has no dev split, so shots come from its training
@@ -177,8 +178,8 @@ def query_shots(dataset: str, split: str, sample: Sample, k: int, query_ids: set
     if spec.shots_from is None:
         raise KbError(f"dataset {spec.name!r} has no split to draw few-shot examples from; use --shots 0")
     if spec.shots_from != split and spec.kind == "mcq":
-        return shots_for(dataset, k, sample.group)
-    pool = _pool(dataset, spec.shots_from)
+        return shots_for(dataset, k, sample.group, data_root)
+    pool = _pool(dataset, spec.shots_from, data_root)
     gold = normalise(sample.answer)
     ok = [s for s in pool if s.id not in query_ids and (spec.kind == "mcq" or normalise(s.answer) != gold)]
     same = [s for s in ok if sample.group and s.group == sample.group]
@@ -189,13 +190,14 @@ def query_shots(dataset: str, split: str, sample: Sample, k: int, query_ids: set
     return chosen
 
 
-_POOLS: dict[tuple[str, str], list[Sample]] = {}
+_POOLS: dict[tuple[str, str, Path | None], list[Sample]] = {}
 
 
-def _pool(dataset: str, split: str) -> list[Sample]:
-    if (dataset, split) not in _POOLS:
-        _POOLS[(dataset, split)] = load_split(dataset, split)
-    return _POOLS[(dataset, split)]
+def _pool(dataset: str, split: str, data_root: str | Path | None) -> list[Sample]:
+    key = (dataset, split, data_root_path(data_root))
+    if key not in _POOLS:
+        _POOLS[key] = load_split(dataset, split, data_root)
+    return _POOLS[key]
 
 
 def resolve_embedder_name(name: str | None) -> str:
@@ -244,7 +246,8 @@ class StateRun:
 
 def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res_dir: Path, stem: str, *,
                     restart: bool = False, max_batch_tokens: int | None = None,
-                    extra_meta: dict[str, Any] | None = None, dist: Dist | None = None) -> StateRun | None:
+                    extra_meta: dict[str, Any] | None = None, dist: Dist | None = None,
+                    data_root: str | Path | None = None) -> StateRun | None:
     """Query (or resume querying) the state of every question; returns the validated state file.
 
     Under torchrun / accelerate launch (`dist`, kb/distributed.py) every rank takes a share of the batches,
@@ -255,14 +258,14 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
     t0 = time.perf_counter()
     spec = dataset_spec(settings.dataset)
     kind = spec.kind
-    samples = subset(load_split(settings.dataset, settings.split), settings.limit, settings.seed)
+    samples = subset(load_split(settings.dataset, settings.split, data_root), settings.limit, settings.seed)
     tok = lm.tokenizer
     fmt = PromptFormat(settings.template, settings.shots, settings.chat)
     shot_check(fmt)
     if settings.chat and not getattr(tok, "chat_template", None):
         raise KbError(f"{lm.name}: the query used a chat template, but this tokenizer has none")
     query_ids = {s.id for s in samples}
-    prompts = {s.id: render_query(s, fmt, query_shots(settings.dataset, settings.split, s, settings.shots, query_ids), tok)
+    prompts = {s.id: render_query(s, fmt, query_shots(settings.dataset, settings.split, s, settings.shots, query_ids, data_root), tok)
                for s in samples}
     seqs = encode(tok, [prompts[s.id] for s in samples], settings.chat)
 

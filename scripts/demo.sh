@@ -82,7 +82,7 @@ tune_one() {  # method train_file steps [seed]
   local name=$1 out=models/$LABEL/$1_$TRACK
   local -a seed=()
   if [[ -n ${4:-} ]]; then name=$1_seed$4 out=models/$LABEL/$1_${TRACK}_seed$4 seed=(--set seed="$4"); fi
-  run $PY finetune.py --model "$MODEL" "${MF[@]}" --config "$FT" --set max_steps="$3" "${seed[@]}" \
+  run $PY finetune.py --model "$MODEL" "${MF[@]}" --recipe "$FT" --set max_steps="$3" "${seed[@]}" \
     --output-dir "$out" --train-file "$2"
   evaluate --model "$out" --method "$name"
 }
@@ -139,8 +139,8 @@ if [[ $TRACK == open ]]; then
   # A 135M model is rarely sure of a sampled answer 10 times out of 10 with near-identical wording
   # (the paper's Cor >= 0.995 and Cer >= 0.995): relaxed, recorded in the outputs as `relaxed`.
   run $PY rehearsal_finetune.py --model "$MODEL" "${MF[@]}" --dataset pararel --split ID_train --n-rehearsal "${N_REHEARSAL:-32}" \
-    --train-config "$REH" --min-cor "${MIN_COR:-0.6}" --min-cer "${MIN_CER:-0.5}" \
-    --train-set learning_rate=1e-3  # a few LoRA steps at the paper's 2e-4 leave M~ = M0 (no flow at all)
+    --recipe "$REH" --min-cor "${MIN_COR:-0.6}" --min-cer "${MIN_CER:-0.5}" \
+    --recipe-set learning_rate=1e-3  # a few LoRA steps at the paper's 2e-4 leave M~ = M0 (no flow at all)
   # N_van : N_idk = 3 : 1, near the paper's 4 : 1; the vanilla pool (Cor >= 0.5) holds only what the model knows.
   # Most questions a small model never answers right have Cor = 0, which cannot fall: the `keep` tie rule
   # (delta-mu <= 0) keeps them as "I don't know" candidates; `drop` (the strict rule) would discard them.
@@ -150,7 +150,7 @@ else
   run $PY query_state.py --model "$MODEL" "${MF[@]}" --dataset mmlu --split ID_train --limit "$N_SOURCE"
   # A 135M model is never 99% sure of an MMLU answer: the rehearsal threshold is relaxed (recorded as `relaxed`).
   run $PY rehearsal_finetune.py --model "$MODEL" "${MF[@]}" --dataset mmlu --split ID_train --n-rehearsal "${N_REHEARSAL:-32}" \
-    --train-config "$REH" --min-cor "${MIN_COR:-0.4}"
+    --recipe "$REH" --min-cor "${MIN_COR:-0.4}"
   run $PY build_rait.py --model "$MODEL" --dataset mmlu --split ID_train --n-van "${N_VAN:-50}" --n-idk "${N_IDK:-50}"
 fi
 rait=()

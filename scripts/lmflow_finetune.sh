@@ -11,7 +11,7 @@
 #   export LMFLOW_DIR=/path/LMFlow LMFLOW_PYTHON=$PWD/.venv-lmflow/bin/python
 #
 # Usage (from anywhere; paths are relative to the kb repo root):
-#   scripts/lmflow_finetune.sh --config configs/finetune_rtuning.yaml \
+#   scripts/lmflow_finetune.sh --recipe configs/finetune_rtuning.yaml \
 #       --train-file training_data/smollm2-135m/rtuning_unsure_MMLU_ID_train_0shot.json \
 #       [--model smollm2-135m] [--output-dir models/smollm2-135m/lmflow_rtuning] [--set key=value ...] [--dry-run]
 #   --dry-run   print the LMFlow command and exit (needs neither LMFlow nor a GPU; writes nothing)
@@ -35,12 +35,12 @@ if [[ -z "${KB_PYTHON:-}" ]]; then
   if [[ -x "$REPO/.venv/bin/python" ]]; then KB_PYTHON="$REPO/.venv/bin/python"; else KB_PYTHON=python3; fi
 fi
 
-config="" train_file="" model="smollm2-135m" output_dir="" dry_run=0
+recipe="" train_file="" model="smollm2-135m" output_dir="" dry_run=0
 sets=()
 usage() { sed -n '13,17p' "$0" | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --config) config="$2"; shift 2 ;;
+    --recipe) recipe="$2"; shift 2 ;;
     --train-file) train_file="$2"; shift 2 ;;
     --model) model="$2"; shift 2 ;;
     --output-dir) output_dir="$2"; shift 2 ;;
@@ -50,17 +50,17 @@ while [[ $# -gt 0 ]]; do
     *) echo "error: unknown option '$1'" >&2; usage >&2; exit 2 ;;
   esac
 done
-if [[ -z "$config" || -z "$train_file" ]]; then
-  echo "error: --config and --train-file are required" >&2; usage >&2; exit 2
+if [[ -z "$recipe" || -z "$train_file" ]]; then
+  echo "error: --recipe and --train-file are required" >&2; usage >&2; exit 2
 fi
 if [[ -z "$output_dir" ]]; then
-  output_dir="models/$(basename "${model%/}" .gguf)/lmflow_$(basename "$config" .yaml)__$(basename "$train_file" .json)"
+  output_dir="models/$(basename "${model%/}" .gguf)/lmflow_$(basename "$recipe" .yaml)__$(basename "$train_file" .json)"
 fi
 
 mode=prepare
 if [[ "$dry_run" == 1 ]]; then mode=args; fi
-# Validates the config and the training file (one-line error, exit 2) before anything runs.
-flags_text="$(cd "$REPO" && "$KB_PYTHON" finetune.py --lmflow "$mode" --config "$config" --train-file "$train_file" \
+# Validates the recipe and the training file (one-line error, exit 2) before anything runs.
+flags_text="$(cd "$REPO" && "$KB_PYTHON" finetune.py --lmflow "$mode" --recipe "$recipe" --train-file "$train_file" \
   --model "$model" --output-dir "$output_dir" ${sets[@]+"${sets[@]}"})"
 mapfile -t flags <<< "$flags_text"
 if [[ -n "${LMFLOW_DEEPSPEED:-}" ]]; then flags+=(--deepspeed "$LMFLOW_DEEPSPEED"); fi
@@ -77,6 +77,6 @@ if [[ -z "${LMFLOW_DIR:-}" || ! -f "$LMFLOW_DIR/examples/finetune.py" ]]; then
   exit 2
 fi
 (cd "$LMFLOW_DIR" && "${launcher[@]}" examples/finetune.py "${flags[@]}")
-(cd "$REPO" && "$KB_PYTHON" finetune.py --lmflow finish --config "$config" --train-file "$train_file" \
+(cd "$REPO" && "$KB_PYTHON" finetune.py --lmflow finish --recipe "$recipe" --train-file "$train_file" \
   --model "$model" --output-dir "$output_dir" ${sets[@]+"${sets[@]}"})
 echo "LMFlow run finished -> $output_dir (evaluate with: python evaluate.py --model $output_dir)"

@@ -84,7 +84,7 @@ json.dump({"type": "text2text", "instances": rows}, open(sys.argv[1], "w"), inde
 PY
 cd "$REPO"
 LMFLOW_DIR="$src" LMFLOW_PYTHON="$venv/bin/python" OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" \
-  bash scripts/lmflow_finetune.sh --config configs/finetune_rtuning.yaml --train-file "$tmp/smoke_text2text.json" \
+  bash scripts/lmflow_finetune.sh --recipe configs/finetune_rtuning.yaml --train-file "$tmp/smoke_text2text.json" \
   --model smollm2-135m --output-dir "$out" --set max_steps=2 --set logging_steps=1 --set max_length=128
 "$KB_PYTHON" evaluate.py --model "$out" --test pararel:ID_test --limit 2 --no-ap --results-dir "$tmp/results" \
   --output-dir "$tmp/eval"

@@ -4,10 +4,10 @@
 # Sourced by scripts/run_<model>.sh, which set these and then call `kb_pipeline "$@"`:
 #   MODEL             --model value: hub id, offline alias or local dir            (required)
 #   MODEL_FLAGS       array of extra model flags, e.g. (--trust-remote-code --revision <commit> --dtype bfloat16)
-#   RTUNING_CONFIG    fine-tune recipe for R-Tuning data        (default configs/finetune_rtuning.yaml)
-#   REHEARSAL_CONFIG  recipe for the rehearsal SFT, MCQ track   (default configs/finetune_craft_mcq_lora.yaml)
-#   RAIT_CONFIG       recipe for each RAIT set, MCQ track       (default configs/finetune_craft_mcq_lora.yaml)
-#   REHEARSAL_OPEN_CONFIG / RAIT_OPEN_CONFIG   the same for the open-answer (ParaRel) track
+#   RTUNING_RECIPE    fine-tune recipe for R-Tuning data        (default configs/finetune_rtuning.yaml)
+#   REHEARSAL_RECIPE  recipe for the rehearsal SFT, MCQ track   (default configs/finetune_craft_mcq_lora.yaml)
+#   RAIT_RECIPE       recipe for each RAIT set, MCQ track       (default configs/finetune_craft_mcq_lora.yaml)
+#   REHEARSAL_OPEN_RECIPE / RAIT_OPEN_RECIPE   the same for the open-answer (ParaRel) track
 #   REHEARSAL_FLAGS / REHEARSAL_OPEN_FLAGS     arrays of extra rehearsal_finetune.py flags per track, e.g.
 #                     (--min-cor 0.6) for models too small to have p(gold) > 0.99 anywhere (recorded as relaxed)
 #   SHOTS             MMLU probing shots (default 5, R-Tuning's setting)
@@ -34,6 +34,12 @@ kb_pipeline() {
     shift
   done
   : "${MODEL:?MODEL must be set by the launcher}"
+  local old
+  for old in RTUNING_CONFIG REHEARSAL_CONFIG RAIT_CONFIG REHEARSAL_OPEN_CONFIG RAIT_OPEN_CONFIG; do
+    if [[ -n ${!old:-} ]]; then  # renamed, so that "config" means a flags file everywhere
+      echo "error: $old is now ${old%_CONFIG}_RECIPE" >&2; return 2
+    fi
+  done
   local py=${PY:-}
   if [[ -z $py ]]; then
     if [[ -x .venv/bin/python ]]; then py=.venv/bin/python; else py=python; fi
@@ -48,11 +54,11 @@ kb_pipeline() {
   local -a lim=()
   [[ -n $limit ]] && lim=(--limit "$limit")
   local shots=${SHOTS:-5}
-  local rt_cfg=${RTUNING_CONFIG:-configs/finetune_rtuning.yaml}
-  local reh_cfg=${REHEARSAL_CONFIG:-configs/finetune_craft_mcq_lora.yaml}
-  local rait_cfg=${RAIT_CONFIG:-configs/finetune_craft_mcq_lora.yaml}
-  local reh_open_cfg=${REHEARSAL_OPEN_CONFIG:-configs/finetune_craft_open_full.yaml}
-  local rait_open_cfg=${RAIT_OPEN_CONFIG:-configs/finetune_craft_open_full.yaml}
+  local rt_recipe=${RTUNING_RECIPE:-configs/finetune_rtuning.yaml}
+  local reh_recipe=${REHEARSAL_RECIPE:-configs/finetune_craft_mcq_lora.yaml}
+  local rait_recipe=${RAIT_RECIPE:-configs/finetune_craft_mcq_lora.yaml}
+  local reh_open_recipe=${REHEARSAL_OPEN_RECIPE:-configs/finetune_craft_open_full.yaml}
+  local rait_open_recipe=${RAIT_OPEN_RECIPE:-configs/finetune_craft_open_full.yaml}
   # The folder name every stage writes under (kb.paths.slug, as the stages compute it).
   local label
   label=$("$py" -c 'import sys; from kb.paths import slug; print(slug(sys.argv[1]))' "$MODEL" 2>/dev/null \
@@ -88,7 +94,7 @@ kb_pipeline() {
     # Task 2.2.1: full fine-tune of M0 on the `unsure` (padding) data, then Pc/Pw/Pr, THS and AP.
     local ds
     for ds in "MMLU_ID_train_${shots}shot" ParaRel_ID_train; do
-      run "$py" finetune.py --model "$MODEL" "${mf[@]}" --config "$rt_cfg" \
+      run "$py" finetune.py --model "$MODEL" "${mf[@]}" --recipe "$rt_recipe" \
         --train-file "training_data/$label/rtuning_unsure_${ds}.json" --output-dir "$runs/rtuning_unsure_${ds}"
     done
     run "$py" evaluate.py --model "$runs/rtuning_unsure_MMLU_ID_train_${shots}shot" "${mf[@]}" --method rtuning_unsure \
@@ -103,19 +109,19 @@ kb_pipeline() {
     local -a tests rf
     for track in mcq open; do
       if [[ $track == mcq ]]; then
-        dataset=mmlu reh=$reh_cfg rait=$rait_cfg name=MMLU_ID_train_5shot tests=("${craft_mcq[@]}")
+        dataset=mmlu reh=$reh_recipe rait=$rait_recipe name=MMLU_ID_train_5shot tests=("${craft_mcq[@]}")
         rf=("${reh_flags[@]+"${reh_flags[@]}"}")
       else
-        dataset=pararel reh=$reh_open_cfg rait=$rait_open_cfg name=ParaRel_ID_train_3shot tests=("${open_tests[@]}")
+        dataset=pararel reh=$reh_open_recipe rait=$rait_open_recipe name=ParaRel_ID_train_3shot tests=("${open_tests[@]}")
         rf=("${reh_open_flags[@]+"${reh_open_flags[@]}"}")
       fi
       run "$py" query_state.py --model "$MODEL" "${mf[@]}" --dataset "$dataset" --split ID_train "${lim[@]}"
       run "$py" rehearsal_finetune.py --model "$MODEL" "${mf[@]}" --dataset "$dataset" --split ID_train \
-        --train-config "$reh" "${rf[@]+"${rf[@]}"}"
+        --recipe "$reh" "${rf[@]+"${rf[@]}"}"
       run "$py" build_rait.py --model "$MODEL" "${bf[@]}" --dataset "$dataset" --split ID_train
       for m in van cor_rait corcer_rait craft_wo_cer craft; do
         # Every RAIT set is trained from M0 (never from the rehearsed model), then evaluated under REFUSE.
-        run "$py" finetune.py --model "$MODEL" "${mf[@]}" --config "$rait" \
+        run "$py" finetune.py --model "$MODEL" "${mf[@]}" --recipe "$rait" \
           --train-file "training_data/$label/rait_${m}_${name}_text2text.json" --output-dir "$runs/${m}_${name}"
         run "$py" evaluate.py --model "$runs/${m}_${name}" "${mf[@]}" --method "$m" "${tests[@]}" "${lim[@]}"
       done

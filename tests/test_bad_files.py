@@ -157,8 +157,8 @@ def yaml_config(t: Path, raw: bytes) -> Any:
 def finetune_config(t: Path, **over: Any) -> Any:
     import yaml
 
-    from kb.finetune import resolve_config
     from kb.paths import REPO_ROOT
+    from kb.recipe import load_recipe
 
     cfg = yaml.safe_load((REPO_ROOT / "configs" / "finetune_cpu_demo.yaml").read_text())
     for k, v in over.items():
@@ -169,7 +169,7 @@ def finetune_config(t: Path, **over: Any) -> Any:
         else:
             cfg[k] = v
     (t / "ft.yaml").write_text(yaml.safe_dump(cfg))
-    return resolve_config(str(t / "ft.yaml"))
+    return load_recipe(str(t / "ft.yaml"))
 
 
 def model_dir(t: Path, tiny: Path, drop: str = "", files: dict[str, bytes] | None = None) -> Any:

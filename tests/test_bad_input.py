@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from kb.data import set_data_root
 from kb.paths import REPO_ROOT
 
 MMLU_ROW = '"What is 2+2?",1,2,3,4,D\n'
@@ -27,12 +26,6 @@ def _pararel_root(tmp: Path, text: str) -> Path:
     (root / "rtuning" / "pararel").mkdir(parents=True, exist_ok=True)
     (root / "rtuning" / "pararel" / "training_data.json").write_text(text)
     return root
-
-
-@pytest.fixture(autouse=True)
-def _reset_data_root():
-    yield
-    set_data_root(None)
 
 
 def _run(main: Callable[[list[str]], None], argv: list[str], capsys) -> str:

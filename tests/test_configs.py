@@ -1,5 +1,6 @@
-"""Every YAML in configs/ loads through the loader its user calls, with no unknown or missing key, and
-recipes that start from another one (`base:`) resolve to the keys they say."""
+"""Every YAML in configs/ loads through the loader its user calls, with no unknown or missing key,
+recipes that start from another one (`base:`) resolve to the keys they say, and no two recipes are
+the same run under two names."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from kb import finetune as ft
 from kb.config import load_yaml, parse_with_config
 from kb.errors import KbError
 from kb.paths import REPO_ROOT
-from kb.rehearsal import TRAIN_CONFIGS
+from kb.recipe import KEYS, load_recipe
+from kb.rehearsal import RECIPES
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 STAGE_CONFIGS = {"query_state_demo_cpu.yaml": "query_state.py"}  # --config of a stage script; the rest are recipes
@@ -28,8 +29,8 @@ def _parser(script: str):
 
 def test_configs_are_found() -> None:
     names = {p.name for p in CONFIGS}
-    assert {"finetune_rtuning.yaml", "finetune_craft_mcq_lora.yaml", "rehearsal_mcq_lora.yaml",
-            "rehearsal_open_full.yaml", "rehearsal_demo_cpu.yaml"} <= names
+    assert {"finetune_rtuning.yaml", "finetune_craft_mcq_lora.yaml", "finetune_craft_open_full.yaml",
+            "finetune_cpu_demo.yaml", "rehearsal_demo_cpu.yaml"} <= names
     assert set(STAGE_CONFIGS) <= names
 
 
@@ -40,21 +41,28 @@ def test_every_config_loads_with_no_unknown_key(path: Path) -> None:
         for key, value in load_yaml(str(path)).items():
             assert getattr(args, key.replace("-", "_")) == value
     else:
-        cfg, name = ft.resolve_config(path)
+        recipe, name = load_recipe(path)
         assert name == path.stem
-        assert set(cfg) == set(ft.FIELDS)
+        assert set(recipe.to_dict()) == set(KEYS)
 
 
-def test_rehearsal_recipes_are_the_paper_finetune_recipes() -> None:
-    """CRaFT trains the rehearsal like the final RAIT SFT: the rehearsal recipes inherit it, key for key."""
-    for rehearsal, final in (("rehearsal_mcq_lora", "finetune_craft_mcq_lora"),
-                             ("rehearsal_open_full", "finetune_craft_open_full")):
-        assert ft.resolve_config(REPO_ROOT / "configs" / f"{rehearsal}.yaml")[0] == \
-            ft.resolve_config(REPO_ROOT / "configs" / f"{final}.yaml")[0]
-    assert all((REPO_ROOT / p).is_file() for p in TRAIN_CONFIGS.values())
-    demo, _ = ft.resolve_config(REPO_ROOT / "configs" / "rehearsal_demo_cpu.yaml")
-    assert (demo["learning_rate"], demo["lora"]["r"], demo["lora"]["alpha"], demo["lora"]["dropout"]) == (2e-4, 64, 16, 0.1)
-    assert demo["lora"]["layers"] == [-4, -3, -2, -1] and demo["max_train_samples"] == 24
+def test_no_two_recipes_are_the_same_run() -> None:
+    recipes = {p.name: load_recipe(p)[0] for p in CONFIGS if p.name not in STAGE_CONFIGS}
+    seen: dict[str, str] = {}
+    for name, recipe in recipes.items():
+        key = repr(recipe.to_dict())
+        assert key not in seen, f"{name} is {seen.get(key)} under another name: drop it or use `base:` with a change"
+        seen[key] = name
+
+
+def test_rehearsal_trains_with_the_paper_finetune_recipes() -> None:
+    """CRaFT trains the rehearsal like the final RAIT SFT: its default recipes are those files; the CPU
+    demo recipe inherits the MCQ one (`base:`) and caps its cost."""
+    assert RECIPES == {"mcq": "configs/finetune_craft_mcq_lora.yaml", "open": "configs/finetune_craft_open_full.yaml"}
+    demo, _ = load_recipe(REPO_ROOT / "configs" / "rehearsal_demo_cpu.yaml")
+    assert demo.lora is not None
+    assert (demo.learning_rate, demo.lora.r, demo.lora.alpha, demo.lora.dropout) == (2e-4, 64, 16, 0.1)
+    assert demo.lora.layers == [-4, -3, -2, -1] and demo.max_train_samples == 24
 
 
 def test_base_merges_nested_keys_and_rejects_cycles_and_unknown_keys(tmp_path: Path) -> None:
@@ -72,4 +80,16 @@ def test_base_merges_nested_keys_and_rejects_cycles_and_unknown_keys(tmp_path: P
         load_yaml(str(tmp_path / "f.yaml"))
     (tmp_path / "g.yaml").write_text(f"base: {REPO_ROOT / 'configs' / 'finetune_rtuning.yaml'}\nepochs: 3\n")
     with pytest.raises(KbError, match="unknown key.*epochs"):
-        ft.resolve_config(tmp_path / "g.yaml")
+        load_recipe(tmp_path / "g.yaml")
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("rehearsal_finetune.py", ["--train-config", "configs/rehearsal_demo_cpu.yaml"]),
+    ("rehearsal_finetune.py", ["--train-set", "max_steps=1"]),
+    ("finetune.py", ["--recipe", "configs/finetune_cpu_demo.yaml", "--train-file", "x.json", "--train-set", "max_steps=1"]),
+])
+def test_old_recipe_flags_are_argparse_errors(script: str, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """The recipe is --recipe (overrides --set / --recipe-set) everywhere; the old names are not aliases."""
+    with pytest.raises(SystemExit) as exc:
+        parse_with_config(_parser(script), argv)
+    assert exc.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err

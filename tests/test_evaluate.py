@@ -105,12 +105,12 @@ def test_changed_settings_refuse_to_resume(initial_results: Path, tiny_model_dir
 
 @pytest.mark.slow  # trains a LoRA adapter first
 def test_base_plus_adapter_is_filed_under_the_base(initial_results: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
-    from test_finetune import tiny_config, write_lmflow  # tests/ is on sys.path (rootdir conftest)
+    from test_finetune import tiny_recipe, write_lmflow  # tests/ is on sys.path (rootdir conftest)
 
     from kb.eval_table import build_table
     from kb.finetune import finetune
 
-    adapter = finetune(write_lmflow(tmp_path / "t.json"), tiny_config(max_steps=4), str(tiny_model_dir), tmp_path / "rt_demo")
+    adapter = finetune(write_lmflow(tmp_path / "t.json"), tiny_recipe(max_steps=4), str(tiny_model_dir), tmp_path / "rt_demo")
     label = tiny_model_dir.name
     _eval("--model", str(tiny_model_dir), "--adapter", str(adapter), "--test", "mmlu:ID_test", "--limit", "6",
           "--results-dir", str(initial_results), "--max-new-tokens", "4")

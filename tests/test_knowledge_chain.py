@@ -33,8 +33,8 @@ def test_chain_mcq(tmp_path, tiny_model_dir, capsys):
     assert not (td / "rehearsal_MMLU_ID_train_0shot.json").exists()
 
     rehearsal_finetune.main([*base, "--shots", "0", "--min-cor", "0.25", "--n-rehearsal", "4",
-                             "--train-config", "configs/rehearsal_demo_cpu.yaml", "--train-set", "max_steps=2",
-                             "--train-set", "warmup_steps=0", "--train-set", "max_length=2048", "--train-set", "lora.layers=[1]",
+                             "--recipe", "configs/rehearsal_demo_cpu.yaml", "--recipe-set", "max_steps=2",
+                             "--recipe-set", "warmup_steps=0", "--recipe-set", "max_length=2048", "--recipe-set", "lora.layers=[1]",
                              "--tuned-dir", str(tmp_path / "tuned")])
     reh = read_dataset(td / "rehearsal_MMLU_ID_train_0shot.json", expect="text2text")
     sel = reh["kb_meta"]["selection"]

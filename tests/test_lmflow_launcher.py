@@ -23,6 +23,7 @@ import yaml
 
 from kb.errors import KbError
 from kb.paths import REPO_ROOT
+from kb.recipe import Recipe, load_recipe
 
 SCRIPT = REPO_ROOT / "scripts" / "lmflow_finetune.sh"
 # Flags LMFlow's examples/finetune.py must receive for the run to be the recipe's, not LMFlow's defaults.
@@ -51,8 +52,8 @@ def _flags(argv: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def _dry_run(config: str, train: Path, out: Path, model: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(SCRIPT), "--dry-run", "--config", config, "--train-file", str(train),
+def _dry_run(recipe: str, train: Path, out: Path, model: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(SCRIPT), "--dry-run", "--recipe", recipe, "--train-file", str(train),
                            "--model", model, "--output-dir", str(out), *extra],
                           capture_output=True, text=True, timeout=120, cwd="/")
 
@@ -67,6 +68,12 @@ def train_file(tmp_path: Path) -> Path:
 def test_bash_syntax_and_strict_mode() -> None:
     assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
     assert "set -euo pipefail" in SCRIPT.read_text()
+
+
+def test_the_recipe_flag_is_recipe(train_file: Path, tmp_path: Path) -> None:
+    res = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--config", "configs/finetune_rtuning.yaml", "--train-file",
+                          str(train_file)], capture_output=True, text=True, timeout=60, cwd="/")
+    assert res.returncode == 2 and "unknown option '--config'" in res.stderr
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO_ROOT / "configs").glob("finetune_*.yaml")))
@@ -117,10 +124,13 @@ def test_malformed_training_file_stops_the_launcher(tmp_path: Path, tiny_model_d
 
 
 def test_prepare_stages_the_data_folder(train_file: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
-    from kb.finetune import prepare_lmflow, read_base_info
+    from kb.lmflow import prepare_lmflow
+    from kb.recipe import load_recipe
+    from kb.tuned import read_base_info
 
     out = tmp_path / "lmflow_run"
-    flags = prepare_lmflow(train_file, REPO_ROOT / "configs" / "finetune_rtuning.yaml", str(tiny_model_dir), out, write=True)
+    recipe, name = load_recipe(REPO_ROOT / "configs" / "finetune_rtuning.yaml")
+    flags = prepare_lmflow(train_file, recipe, name, str(tiny_model_dir), out, write=True)
     assert (out / "lmflow_dataset" / train_file.name).read_text() == train_file.read_text()
     assert read_base_info(out)["base_label"] == tiny_model_dir.name
     assert flags[flags.index("--output_dir") + 1] == str(out)
@@ -132,29 +142,32 @@ RECIPES = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 FINETUNE_RECIPES = [p for p in RECIPES if yaml.safe_load(p.read_text()).get("tuning")]
 
 
-def _cfg(path: Path, **over: object) -> dict:
-    from kb.finetune import resolve_config
+def _recipe(path: Path, **over: object) -> Recipe:
+    recipe, _ = load_recipe(path, {k.replace("__", "."): v for k, v in over.items()})
+    return recipe
 
-    cfg, _ = resolve_config(path, {k.replace("__", "."): v for k, v in over.items()})
-    return cfg
+
+def _cfg(path: Path, **over: object) -> dict:
+    return _recipe(path, **over).to_dict()
 
 
 def test_mapping_names_every_recipe_key() -> None:
-    from kb.finetune import FIELDS, LMFLOW_MAPPING, LORA_FIELDS
+    from kb.lmflow import LMFLOW_MAPPING, unmapped_keys
+    from kb.recipe import KEYS, LORA_KEYS
 
-    assert set(LMFLOW_MAPPING) == set(FIELDS) | {f"lora.{k}" for k in LORA_FIELDS}
+    assert set(LMFLOW_MAPPING) == set(KEYS) | {f"lora.{k}" for k in LORA_KEYS} and unmapped_keys() == []
 
 
 @pytest.mark.parametrize("path", FINETUNE_RECIPES, ids=lambda p: p.name)
 def test_every_recipe_maps_or_fails_loudly(path: Path) -> None:
-    from kb.finetune import lmflow_args
+    from kb.lmflow import lmflow_args
 
     cfg = _cfg(path)
     if cfg["lora"] and cfg["lora"]["layers"] is not None:
         with pytest.raises(KbError, match="lora.layers"):
-            lmflow_args(cfg, "m", "d", "o", "cpu")
+            lmflow_args(_recipe(path), "m", "d", "o", "cpu")
         cfg = _cfg(path, lora__layers=None)
-    flags = _flags(["examples/finetune.py", *lmflow_args(cfg, "m", "d", "o", "cpu")])
+    flags = _flags(["examples/finetune.py", *lmflow_args(Recipe.from_mapping(cfg), "m", "d", "o", "cpu")])
     for key, how in (("seed", "seed"), ("max_steps", "max_steps"), ("optim", "optim"),
                      ("lr_scheduler_type", "lr_scheduler_type"), ("logging_steps", "logging_steps"),
                      ("save_steps", "save_steps"), ("save_total_limit", "save_total_limit"),
@@ -179,26 +192,27 @@ def test_every_recipe_maps_or_fails_loudly(path: Path) -> None:
     ({"lora__target_modules": "all-linear"}, "all-linear"),
 ])
 def test_values_lmflow_cannot_express_are_errors(over: dict, match: str) -> None:
-    from kb.finetune import lmflow_args
+    from kb.lmflow import lmflow_args
 
-    cfg = _cfg(REPO_ROOT / "configs" / "finetune_craft_mcq_lora.yaml", **over)
+    recipe = _recipe(REPO_ROOT / "configs" / "finetune_craft_mcq_lora.yaml", **over)
     with pytest.raises(KbError, match=match):
-        lmflow_args(cfg, "m", "d", "o", "cpu")
+        lmflow_args(recipe, "m", "d", "o", "cpu")
 
 
-def test_a_key_without_an_lmflow_flag_is_an_error() -> None:
-    from kb.finetune import lmflow_args
+def test_a_key_without_an_lmflow_flag_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kb import lmflow
 
-    cfg = {**_cfg(REPO_ROOT / "configs" / "finetune_rtuning.yaml"), "label_smoothing": 0.1}
-    with pytest.raises(KbError, match="label_smoothing"):
-        lmflow_args(cfg, "m", "d", "o", "cpu")
+    mapping = {k: v for k, v in lmflow.LMFLOW_MAPPING.items() if k != "max_grad_norm"}
+    monkeypatch.setattr(lmflow, "LMFLOW_MAPPING", mapping)  # as if a recipe key were added without its flag
+    with pytest.raises(KbError, match="no LMFlow flag for recipe key.*max_grad_norm"):
+        lmflow.lmflow_args(_recipe(REPO_ROOT / "configs" / "finetune_rtuning.yaml"), "m", "d", "o", "cpu")
 
 
 def test_precision_flags() -> None:
-    from kb.finetune import lmflow_args
+    from kb.lmflow import lmflow_args
 
-    cfg = _cfg(REPO_ROOT / "configs" / "finetune_rtuning.yaml", precision="bf16")
-    flags = _flags(["examples/finetune.py", *lmflow_args(cfg, "m", "d", "o", "cuda")])
+    recipe = _recipe(REPO_ROOT / "configs" / "finetune_rtuning.yaml", precision="bf16")
+    flags = _flags(["examples/finetune.py", *lmflow_args(recipe, "m", "d", "o", "cuda")])
     assert (flags["bf16"], flags["fp16"], flags["torch_dtype"]) == (["1"], ["0"], ["float32"])
 
 
@@ -272,8 +286,8 @@ def test_finetune_output_is_portable(tiny_model_dir: Path, tmp_path: Path) -> No
 
     data = tmp_path / "t.json"
     data.write_text(json.dumps({"type": "text2text", "instances": [{"input": "Q: 1+1? A:", "output": " 2."}] * 4}))
-    cfg = _cfg(REPO_ROOT / "configs" / "finetune_rtuning.yaml", max_steps=1, max_length=64)
-    out = finetune(data, cfg, str(tiny_model_dir), tmp_path / "full")
+    recipe = _recipe(REPO_ROOT / "configs" / "finetune_rtuning.yaml", max_steps=1, max_length=64)
+    out = finetune(data, recipe, str(tiny_model_dir), tmp_path / "full")
     _assert_v4_fields(out)
 
 
@@ -317,13 +331,14 @@ print(json.dumps(out, default=str))
 
 @pytest.mark.parametrize("path", FINETUNE_RECIPES, ids=lambda p: p.name)
 def test_flags_parse_with_lmflows_dataclasses(path: Path, tmp_path: Path) -> None:
-    from kb.finetune import lmflow_args
+    from kb.lmflow import lmflow_args
 
     py = _lmflow_python()
     cfg = _cfg(path)
     if cfg["lora"] and cfg["lora"]["layers"] is not None:
         cfg = _cfg(path, lora__layers=None)
-    args = lmflow_args(cfg, "HuggingFaceTB/SmolLM2-135M-Instruct", str(tmp_path / "data"), str(tmp_path / "out"), "cpu")
+    args = lmflow_args(Recipe.from_mapping(cfg), "HuggingFaceTB/SmolLM2-135M-Instruct", str(tmp_path / "data"),
+                       str(tmp_path / "out"), "cpu")
     res = subprocess.run([py, "-c", PARSE], input=json.dumps(args), capture_output=True, text=True, timeout=300,
                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 0, res.stderr[-3000:]

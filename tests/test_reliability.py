@@ -301,7 +301,7 @@ def test_finetune_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path,
     (tmp_path / "train.json").write_text(json.dumps({"type": "text2text",
                                                      "instances": [{"input": q, "output": a} for q, a in pairs]}))
     out = tmp_path / "run"
-    cmd = [sys.executable, str(REPO_ROOT / "finetune.py"), "--model", str(tiny_model_dir), "--config",
+    cmd = [sys.executable, str(REPO_ROOT / "finetune.py"), "--model", str(tiny_model_dir), "--recipe",
            str(tmp_path / "cfg.yaml"), "--train-file", str(tmp_path / "train.json"), "--output-dir", str(out),
            "--results-dir", str(tmp_path / "res")]
     proc = subprocess.Popen(cmd, env=ENV, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

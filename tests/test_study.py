@@ -181,8 +181,8 @@ def test_open_track_chain_on_a_tiny_model(tmp_path, tiny_model_dir):
     query_state.main([*base, "--dataset", "pararel", "--limit", "12", "--shots", "0", "--n-samples", "3",
                       "--max-new-tokens", "6"])
     rehearsal_finetune.main([*base, "--dataset", "pararel", "--shots", "0", "--min-cor", "0.6", "--min-cer", "-1",
-                             "--n-rehearsal", "4", "--train-config", "configs/rehearsal_demo_cpu.yaml",
-                             "--train-set", "max_steps=1", "--train-set", "lora.layers=[1]",
+                             "--n-rehearsal", "4", "--recipe", "configs/rehearsal_demo_cpu.yaml",
+                             "--recipe-set", "max_steps=1", "--recipe-set", "lora.layers=[1]",
                              "--tuned-dir", str(tmp_path / "rehearsed")])
     build_rait.main(["--model", str(tiny_model_dir), "--output-dir", str(td), "--results-dir", str(res),
                      "--dataset", "pararel", "--shots", "0", "--n-van", "4", "--n-idk", "4", "--tie-rule", "keep"])
@@ -191,7 +191,7 @@ def test_open_track_chain_on_a_tiny_model(tmp_path, tiny_model_dir):
     outputs = [i["output"] for i in rait["instances"]]
     assert "I don't know." in outputs and any(o != "I don't know." for o in outputs)
     tuned = tmp_path / "craft"
-    finetune.main(["--model", str(tiny_model_dir), "--config", "configs/finetune_cpu_demo.yaml", "--set", "max_steps=1",
+    finetune.main(["--model", str(tiny_model_dir), "--recipe", "configs/finetune_cpu_demo.yaml", "--set", "max_steps=1",
                    "--set", "lora.layers=[1]", "--output-dir", str(tuned), "--device", "cpu",
                    "--train-file", str(td / lab / "rait_craft_ParaRel_ID_train_0shot_text2text.json")])
     ev = [*base[:4], "--results-dir", str(res), "--data-root", str(tmp_path / "data"), "--limit", "8",

@@ -320,16 +320,25 @@ def answers(result: dict[str, Any], models: Sequence[str]) -> list[tuple[str, st
         out.append((f"{q}. {title}", "\n".join(lines) if lines else "- no runs to compare"))
     lines = []
     for model in models:
-        parts = []
-        for r in _pick(result["transfer"], model=model):
-            if r["method"] in (INITIAL_REFUSE, INITIAL, THRESHOLD):
-                continue
-            parts.append(f"{r['method']} on {r['test set']}: gap {_ci(r['gap'])} vs M0's, Δ {_ci(r['Δgap vs M0'])} "
-                         f"(**{r['verdict']}**)")
+        tuned = [r for r in _pick(result["transfer"], model=model) if r["method"] not in (INITIAL_REFUSE, INITIAL, THRESHOLD)]
+        for r in tuned:
             verdicts.setdefault((3, f"{r['method']}, {r['test set']}"), {})[model] = [r["verdict"]]
+        if not tuned:
+            continue
         ref = [f"{r['test set']} {_ci(r['gap'])}" for r in _pick(result["transfer"], model=model, method=INITIAL_REFUSE)]
-        if parts:
-            lines.append(f"- **{model}** (M0 REFUSE's gap: {', '.join(ref)}): " + "; ".join(parts) + ".")
+        listed = {v: [f"{r['method']} on {r['test set']} (gap {_ci(r['gap'])}, Δ {_ci(r['Δgap vs M0'])})"
+                      for r in tuned if r["verdict"] == v] for v in ("more selective than M0", "less selective than M0")}
+        answer_rates = [r["Pr should-answer"] for r in tuned if r["Pr should-answer"] is not None]
+        text = (f"- **{model}**: M0 under the refusal prompt has a gap of {', '.join(ref)}. Of {len(tuned)} tuned "
+                f"model × set rows, {len(listed['more selective than M0'])} refuse should-abstain questions more "
+                f"selectively than M0 and {len(listed['less selective than M0'])} less")
+        for v, items in listed.items():
+            if items:
+                text += f"; {v}: " + "; ".join(items)
+        if answer_rates:
+            text += (f". The tuned models refuse {min(answer_rates):.0f}–{max(answer_rates):.0f}% of the questions "
+                     "that should be answered")
+        lines.append(text + ".")
     out.append((f"3. {TRANSFER_QUESTION}", "\n".join(lines) if lines else "- no abstention runs"))
     same, differ = [], []
     for (q, what), by_model in sorted(verdicts.items()):

@@ -19,7 +19,7 @@ def section_answers(rep: Report, results_dir: Path, names: Sequence[str]) -> Non
     for question, text in findings.answers(result, names):
         rep.p(f"**{question}**")
         for line in text.splitlines():
-            rep.p(line)
+            rep.p(line.removeprefix("- "))
     rep.fig(findings.forest_figure(result), "answers_forest",
             "Head-to-head ΔTHS per model and test set: the seed mean (dot), its 95% bootstrap interval over "
             "questions (bar) and each seed's difference (grey). Right of 0: the first method is better.")

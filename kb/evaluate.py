@@ -46,9 +46,8 @@ from kb.engine import (
     run_batches,
 )
 from kb.errors import KbError
-from kb.finetune import read_base_info
 from kb.io import read_json, read_jsonl, write_json, write_jsonl
-from kb.models import LoadedModel, load_model, resolve_model
+from kb.models import LoadedModel, load_model, read_base_info, resolve_model
 from kb.paths import repo_path, slug
 from kb.prompts import (
     PromptFormat,

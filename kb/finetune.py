@@ -28,10 +28,21 @@ import yaml
 
 from kb.config import load_yaml
 from kb.errors import KbError
-from kb.io import read_json, write_json
+from kb.io import read_json, write_json, write_text
 from kb.lmflow import read_dataset
-from kb.models import make_portable, text_config
+from kb.locks import lock_output
+from kb.models import (
+    BASE_FILE,
+    OFFLINE_MODELS,
+    default_device,
+    load_model,
+    make_portable,
+    read_base_info,
+    resolve_model,
+    text_config,
+)
 from kb.paths import repo_path, slug
+from kb.provenance import git_commit, package_versions
 
 # Every key a config must set, with its type and what it means. Missing or unknown keys are errors,
 # so no trainer default can decide a run. Names follow transformers.TrainingArguments (and LMFlow's
@@ -78,7 +89,6 @@ LORA_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
 }
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 META_FILE = "kb_finetune.json"
-BASE_FILE = "kb_base_model.json"
 # Extra TrainerCallbacks (tests use this to interrupt a run and check the resume).
 EXTRA_CALLBACKS: list[Any] = []
 
@@ -241,19 +251,10 @@ def count_truncated(tokenizer: Any, kind: str, rows: list[dict[str, str]], max_l
 def base_model_ref(name: str) -> str:
     """How a tuned dir names its base so load_model can find it from anywhere: aliases and hub ids as
     given, local paths made absolute."""
-    from kb.models import OFFLINE_MODELS
-
     if name in OFFLINE_MODELS:
         return name
     path = repo_path(name)
     return str(path.resolve()) if path.exists() else name
-
-
-def read_base_info(path: str | Path) -> dict[str, Any] | None:
-    """The kb_base_model.json of a tuned model dir (adapter or full), or None for a plain model."""
-    p = repo_path(path)
-    f = p / BASE_FILE if p.is_dir() else None
-    return read_json(f) if f is not None and f.is_file() else None
 
 
 # ---------------------------------------------------------------- training
@@ -425,9 +426,6 @@ def finetune(train_file: str | Path, config: str | Path | Mapping[str, Any], mod
     from accelerate import DistributedType, PartialState
     from accelerate.utils import broadcast_object_list
 
-    from kb.models import default_device, load_model
-    from kb.provenance import git_commit, package_versions
-
     cfg, cfg_name = resolve_config(config, overrides, seed)
     kind, rows, train_sha = load_training_file(train_file, cfg["max_train_samples"])
     out = repo_path(output_dir)
@@ -439,8 +437,6 @@ def finetune(train_file: str | Path, config: str | Path | Mapping[str, Any], mod
     if proc.distributed_type == DistributedType.FSDP:
         device = "cpu"  # FSDP shards the weights onto the GPUs itself
     if proc.is_main_process:
-        from kb.locks import lock_output
-
         lock_output(out)  # one writer per output dir; the other ranks of this launch write nothing there
     lm = load_model(model, device=device, dtype="float32", for_training=True, trust_remote_code=trust_remote_code,
                     revision=revision)
@@ -534,8 +530,6 @@ def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
 
 
 def write_text_yaml(path: Path, data: Mapping[str, Any], comment: str) -> Path:
-    from kb.io import write_text
-
     return write_text(path, f"# {comment}\n" + yaml.safe_dump(dict(data), sort_keys=False))
 
 
@@ -649,8 +643,6 @@ def prepare_lmflow(train_file: str | Path, config: str | Path | Mapping[str, Any
     """LMFlow's flags for the same run. write=False only validates and prints (--dry-run); write=True
     also copies the file into <output_dir>/lmflow_dataset/ (LMFlow reads a folder) and writes
     kb_base_model.json + config.yaml, so LMFlow's output loads with `--model <output_dir>`."""
-    from kb.models import default_device, resolve_model
-
     cfg, cfg_name = resolve_config(config, overrides, seed)
     kind, rows, _ = load_training_file(train_file, None)
     source, label, _ = resolve_model(model)
@@ -688,7 +680,8 @@ def finish_lmflow(output_dir: str | Path, config: str | Path | Mapping[str, Any]
     make_portable(out)
     state = read_json(out / "trainer_state.json")
     curve = loss_curve(state.get("log_history", []))
-    info = read_json(out / BASE_FILE)
+    info = read_base_info(out)
+    assert info is not None  # checked above
     write_json(out / "loss.json", {**curve, "config_name": cfg_name, "train_file": info.get("train_file")})
     plot_loss(curve, out / "loss.png", f"{info.get('base_label')} | {cfg_name} | LMFlow\n{Path(info.get('train_file', '')).name}")
     results = read_json(out / "train_results.json") if (out / "train_results.json").is_file() else {}

@@ -11,6 +11,7 @@ import yaml
 
 from kb import finetune as ft
 from kb.errors import KbError
+from kb.models import read_base_info
 from kb.paths import REPO_ROOT
 
 
@@ -103,7 +104,7 @@ def test_full_finetune_on_text_only(tiny_model_dir: Path, tmp_path: Path) -> Non
     curve = json.loads((out / "loss.json").read_text())
     assert curve["loss"][-1] < curve["loss"][0]
     lm = load_model(str(out), device="cpu", dtype="float32")
-    assert lm.adapter is None and ft.read_base_info(out)["base_label"] == Path(tiny_model_dir).name
+    assert lm.adapter is None and read_base_info(out)["base_label"] == Path(tiny_model_dir).name
 
 
 class _Interrupt(Exception):

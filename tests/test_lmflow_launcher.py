@@ -117,7 +117,8 @@ def test_malformed_training_file_stops_the_launcher(tmp_path: Path, tiny_model_d
 
 
 def test_prepare_stages_the_data_folder(train_file: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
-    from kb.finetune import prepare_lmflow, read_base_info
+    from kb.finetune import prepare_lmflow
+    from kb.models import read_base_info
 
     out = tmp_path / "lmflow_run"
     flags = prepare_lmflow(train_file, REPO_ROOT / "configs" / "finetune_rtuning.yaml", str(tiny_model_dir), out, write=True)

@@ -27,8 +27,15 @@ import numpy as np
 import torch
 
 from kb.data import LETTERS, load_split, shots_for, subset
-from kb.engine import PrefixScorer, auto_token_budget, letter_candidates, letter_probs, pass_overhead_tokens, plan_batches
-from kb.probe import encode
+from kb.engine import (
+    PrefixScorer,
+    auto_token_budget,
+    encode,
+    letter_candidates,
+    letter_probs,
+    pass_overhead_tokens,
+    plan_batches,
+)
 from kb.prompts import PromptFormat, render
 
 

@@ -1,6 +1,6 @@
 """ParaRel open answers: N sampled answers per question (CRaFT's Cor/Cer query) and greedy probing.
 
-Same model, same questions, one process. kb: kb.decode.Decoder (what the stages use on a GPU): each
+Same model, same questions, one process. kb: kb.engine.decode.Decoder (what the stages use on a GPU): each
 prompt prefilled once and read once per group of N samples, the decoding step a CUDA graph, sampling
 and stops on the device, finished slots refilled from the queue. References: the loop a transformers
 user writes (batched generate(), --hf-batch questions per call, left padding, num_return_sequences = N;
@@ -28,15 +28,23 @@ import common  # bench/common.py: puts the repo on sys.path, so it comes before 
 import torch
 
 from kb.data import load_split, shots_for, subset
-from kb.decode import decode_texts, decoder_for, generation_stop_ids, use_decoder
-from kb.engine import auto_token_budget, batch_seed, generate, plan_batches
-from kb.probe import encode
+from kb.engine import (
+    auto_token_budget,
+    batch_seed,
+    decode_texts,
+    decoder_for,
+    encode,
+    generate,
+    generation_stop_ids,
+    plan_batches,
+    use_decoder,
+)
 from kb.prompts import PromptFormat, render, resolve_chat
 
 
 def run_kb(sub: common.Subject, seqs: list[list[int]], n: int, max_new: int, temperature: float, do_sample: bool,
            args: argparse.Namespace) -> tuple[list[list[str]], dict[str, Any]]:
-    """kb.decode over all questions at once (the decoder sizes its slots from free memory)."""
+    """kb.engine.decode over all questions at once (the decoder sizes its slots from free memory)."""
     if not use_decoder(sub.model) and not args.decoder_on_cpu:
         texts, passes = run_ours(sub, seqs, n, max_new, temperature, do_sample, args)
         return texts, {"passes": passes}
@@ -153,7 +161,7 @@ def main() -> None:
     p.add_argument("--static-ref-limit", type=int, default=0,
                    help="questions for batched generate with the static cache (compiled forward); 0: skip")
     p.add_argument("--legacy", action="store_true", help="also time kb's previous path (engine.generate)")
-    p.add_argument("--decoder-on-cpu", action="store_true", help="use kb.decode on CPU too (the stages do not)")
+    p.add_argument("--decoder-on-cpu", action="store_true", help="use kb.engine.decode on CPU too (the stages do not)")
     p.add_argument("--batch-size", type=int, default=None, help="legacy path: questions per pass (default 256 cuda, 16 cpu)")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="legacy path: token budget (default: free memory)")
     p.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"],

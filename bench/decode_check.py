@@ -1,4 +1,4 @@
-"""On a GPU: kb.decode's fast path (CUDA graph, fused attention, compiled sampler) against its plain path
+"""On a GPU: kb.engine.decode's fast path (CUDA graph, fused attention, compiled sampler) against its plain path
 (eager step, reference attention, eager sampler) and one-at-a-time greedy generate(), fp32, tiny model.
 
     python bench/decode_check.py
@@ -9,7 +9,7 @@ from __future__ import annotations
 import common  # noqa: F401  (puts the repo on sys.path)
 import torch
 
-from kb.decode import Decoder
+from kb.engine import Decoder
 from kb.testing import tiny_model
 
 

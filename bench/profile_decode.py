@@ -1,4 +1,4 @@
-"""Milliseconds per decoding step of kb.decode.Decoder, by attention path and sampler, and a kernel profile.
+"""Milliseconds per decoding step of kb.engine.decode.Decoder, by attention path and sampler, and a kernel profile.
 
     python bench/profile_decode.py --random-init llama2-7b --questions 218 --samples 10 --max-new-tokens 50
 """
@@ -11,7 +11,7 @@ import time
 import common  # bench/common.py: puts the repo on sys.path, so it comes before kb
 import torch
 
-from kb.decode import Decoder, generation_stop_ids
+from kb.engine import Decoder, generation_stop_ids
 
 
 @torch.inference_mode()

@@ -42,6 +42,14 @@ def cut_at_period(text: str) -> str:
     return text.strip()
 
 
+def answer_ended(text: str) -> bool:
+    """True once cut_at_period(text) can no longer change: the stripped text holds a period or a newline.
+
+    Sampling stops a row here (kb.engine.generation), since the rest would be cut anyway."""
+    t = text.lstrip()
+    return "." in t or "\n" in t
+
+
 def normalise(text: str) -> str:
     t = unicodedata.normalize("NFKC", _norm_quotes(text)).lower()
     return re.sub(r"\s+", " ", t).strip()

@@ -20,25 +20,34 @@ so any figure can be recomputed from them (`--reclassify` re-judges stored repli
 from __future__ import annotations
 
 import argparse
-import copy
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
 from kb import bootstrap, metrics
 from kb.answers import classify_reply, cut_at_period, rtuning_answer_part, rtuning_verdict
 from kb.config import default_batch_size
 from kb.data import LETTERS, Sample, dataset_spec, display_name, load_split, should_abstain, subset
-from kb.decode import decoder_for, use_decoder
-from kb.engine import PrefixScorer, auto_token_budget, letter_candidates, letter_probs, plan_batches
+from kb.engine import (
+    Batch,
+    GreedyDecoder,
+    PrefixScorer,
+    auto_token_budget,
+    continuation_logprobs,
+    decode_step_tokens,
+    encode,
+    generation_stop_ids,
+    letter_candidates,
+    letter_probs,
+    newline_token_ids,
+    plan_batches,
+    run_batches,
+)
 from kb.errors import KbError
-from kb.finetune import read_base_info
-from kb.io import RecordLog, read_json, write_json, write_jsonl
-from kb.models import LoadedModel, load_model, resolve_model
+from kb.io import read_json, write_json, write_jsonl
+from kb.models import LoadedModel, load_model, read_base_info, resolve_model
 from kb.paths import repo_path, slug
 from kb.prompts import (
     PromptFormat,
@@ -131,23 +140,7 @@ def eval_paths(results_dir: str | Path, label: str, method: str, dataset: str, s
     return stem.with_suffix(".jsonl"), stem.with_suffix(".json"), stem.with_name(stem.name + ".meta.json")
 
 
-# ---------------------------------------------------------------- scoring helpers
-
-
-def continuation_logprobs(scorer: PrefixScorer, seqs: list[list[int]], prefix_len: int,
-                          continuations: list[list[int]]) -> np.ndarray:
-    """log p(continuation | seq) for each seq and continuation ([B, C]); multi-token continuations
-    take one extra pass per further token (SmolLM2's ' sure' / ' unsure' are single tokens)."""
-    first = sorted({c[0] for c in continuations})
-    logp, _ = scorer.score(seqs, prefix_len, first)
-    col = {t: i for i, t in enumerate(first)}
-    out = np.zeros((len(seqs), len(continuations)))
-    for k, cont in enumerate(continuations):
-        out[:, k] = logp[:, col[cont[0]]].numpy()
-        for j in range(1, len(cont)):
-            more, _ = scorer.score([s + cont[:j] for s in seqs], prefix_len, [cont[j]])
-            out[:, k] += more[:, 0].numpy()
-    return out
+# ---------------------------------------------------------------- R-Tuning's expression
 
 
 def _needs_more(reply: str) -> bool:
@@ -180,8 +173,6 @@ def evaluate_set(lm: LoadedModel, label: str, method: str, tuned: bool, dataset:
     row = row_name(method, template, kind)
     rec_path, sum_path, meta_path = eval_paths(args.results_dir, label, method, dataset, split, template)
 
-    from kb.probe import encode
-
     prompts = [render(s, fmt, [], tok) for s in samples]
     seqs = encode(tok, prompts, chat)
     run_key = {"dataset": spec.name, "split": split, "prompt": fmt.describe(), "limit": args.limit, "seed": args.seed,
@@ -200,26 +191,22 @@ def evaluate_set(lm: LoadedModel, label: str, method: str, tuned: bool, dataset:
                            overhead_tokens=decode_step_tokens(lm.model))
     scorer = PrefixScorer(lm.model, tok.pad_token_id)
     # Solved examples before the question (base models): the reply is the rest of its line, as in the examples.
-    stops = stop_token_ids(lm) | (newline_token_ids(tok) if base_shots(fmt) else set())
+    stops = set(generation_stop_ids(lm.model, tok)) | (newline_token_ids(tok) if base_shots(fmt) else set())
     decoder = GreedyDecoder(lm.model, tok.pad_token_id, stops)
     cands = letter_candidates(tok, max(len(s.choices) for s in samples), rule) if rule else []
     sure_ids = [tok.encode(w, add_special_tokens=False) for w in (" sure", " unsure")]
     name = f"{row} {test_name(dataset, split)}"
-    with RecordLog(rec_path) as log:
-        todo = [b for b in batches if any(samples[i].id not in log for i in b.indices)]
-        bar = tqdm(total=len(samples), initial=len(samples) - sum(len(b.indices) for b in todo), desc=f"eval {name}",
-                   unit="q")
-        for b in todo:
-            idx = list(b.indices)
-            recs = _batch_records(lm, decoder, scorer, [samples[i] for i in idx], [prompts[i] for i in idx],
-                                  [seqs[i] for i in idx], b.prefix_len, cands, sure_ids, max_new, chat, args.ap)
-            for r in recs:
-                if r["id"] not in log:
-                    log.append({**r, "method": row, "test_set": test_name(dataset, split), "template": template,
-                                "should_abstain": should_abstain(dataset, r["group"])})
-            bar.update(len(idx))
-        bar.close()
-        records = [log.records[s.id] for s in samples]
+
+    def work(b: Batch, _: Any) -> list[dict[str, Any]]:
+        idx = list(b.indices)
+        recs = _batch_records(lm, decoder, scorer, [samples[i] for i in idx], [prompts[i] for i in idx],
+                              [seqs[i] for i in idx], b.prefix_len, cands, sure_ids, max_new, chat, args.ap)
+        return [{**r, "method": row, "test_set": test_name(dataset, split), "template": template,
+                 "should_abstain": should_abstain(dataset, r["group"])} for r in recs]
+
+    by_id = run_batches(rec_path, [s.id for s in samples], seqs, batches, work, desc=f"eval {name}")
+    assert by_id is not None  # one process: evaluation is not sharded
+    records = [by_id[s.id] for s in samples]
 
     return write_summary(args, meta, records, rec_path, sum_path)
 
@@ -284,145 +271,6 @@ def reclassify_set(args: argparse.Namespace, label: str, method: str, dataset: s
     return write_summary(args, meta, records, rec_path, sum_path)
 
 
-class GreedyDecoder:
-    """Batched greedy decoding that reuses the group's shared prompt prefix (its KV cache is computed
-    once per prefix and copied per batch), returns the first step's log-probs, and keeps the prompt's
-    cache so R-Tuning's "Are you sure" probe only runs its own ~25 tokens.
-
-    Why not engine.generate + PrefixScorer: on a 2-core CPU an evaluation is dominated by prompt
-    prefill. Here each prompt is prefilled once (minus the shared preamble) and serves three readings:
-    the letter distribution (first decoding step), the greedy reply, and p(sure) after
-    "<prompt><answer>. Are you sure ...? I am" (the prompt's cache + the probe tokens). Layout per
-    batch: [shared prefix][left padding][question][probe or reply], explicit positions, so padding
-    changes nothing but float rounding; tests compare it with engine.generate and PrefixScorer.
-    """
-
-    def __init__(self, model: Any, pad_id: int, stop_ids: set[int]) -> None:
-        self.model = model
-        self.pad_id = pad_id
-        self.stop_ids = sorted(stop_ids)
-        self.device = next(model.parameters()).device
-        self._key: tuple[int, ...] | None = None
-        self._cache: Any = None
-        # GPU: replies and the first step's log-probs from kb.decode (captured step); the sure-probe then
-        # takes PrefixScorer's pass instead of the kept prompt cache. CPU keeps the path below.
-        self.fast = use_decoder(model)
-
-    def _prefix(self, ids: list[int], rows: int) -> Any:
-        key = tuple(ids)
-        if key != self._key:
-            self._cache = None
-            out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True, logits_to_keep=1)
-            self._key, self._cache = key, out.past_key_values
-        cache = copy.deepcopy(self._cache)
-        cache.batch_repeat_interleave(rows)
-        return cache
-
-    @torch.inference_mode()
-    def decode(self, seqs: list[list[int]], prefix_len: int, max_new: int,
-               keep_prompt: bool = False) -> tuple[list[list[int]], torch.Tensor, list[list[float]], Any]:
-        """(new token ids per row without stop tokens, first-step log-probs [B, V] on CPU, the reply
-        tokens' log-probs, and the prompt state for probe() when keep_prompt; None on the fast path)."""
-        if self.fast:
-            dec = decoder_for(self.model, self.pad_id, self.stop_ids)
-            try:
-                out = dec.run(seqs, max_new, want_logps=True, want_first=True)
-                first_lp = dec.first_logprobs
-            finally:
-                dec.release()
-            assert first_lp is not None
-            return [r[0].tokens for r in out], first_lp, [list(r[0].logps or []) for r in out], None
-        b = len(seqs)
-        suffixes = [s[prefix_len:] for s in seqs]
-        width = max(len(x) for x in suffixes)
-        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((b, prefix_len + width), dtype=torch.long)
-        mask[:, :prefix_len] = 1
-        for r, x in enumerate(suffixes):
-            ids[r, width - len(x):] = torch.tensor(x)
-            mask[r, prefix_len + width - len(x):] = 1
-        pos = (mask[:, prefix_len:].cumsum(-1) - 1).clamp(min=0) + prefix_len
-        kwargs: dict[str, Any] = {"past_key_values": self._prefix(seqs[0][:prefix_len], b)} if prefix_len else {}
-        mask, pos = mask.to(self.device), pos.to(self.device)
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask, position_ids=pos, use_cache=True,
-                         logits_to_keep=1, **kwargs)
-        logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        first = logp.cpu()
-        nxt_pos = pos[:, -1:] + 1
-        state = (copy.deepcopy(out.past_key_values), mask, nxt_pos) if keep_prompt else None
-        stop = torch.tensor(self.stop_ids, device=self.device)
-        done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        toks: list[list[int]] = [[] for _ in range(b)]
-        lps: list[list[float]] = [[] for _ in range(b)]
-        for step in range(max_new):
-            nxt = logp.argmax(-1)
-            lp = logp.gather(1, nxt[:, None])[:, 0]
-            is_stop = torch.isin(nxt, stop)
-            for r in (~done & ~is_stop).nonzero()[:, 0].tolist():
-                toks[r].append(int(nxt[r]))
-                lps[r].append(float(lp[r]))
-            done |= is_stop
-            if bool(done.all()) or step == max_new - 1:
-                break
-            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
-            mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=self.device)], dim=1)
-            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=nxt_pos,
-                             past_key_values=out.past_key_values, use_cache=True)
-            nxt_pos = nxt_pos + 1
-            logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        return toks, first, lps, state
-
-    @torch.inference_mode()
-    def probe(self, state: Any, suffixes: list[list[int]], candidate_ids: list[int]) -> torch.Tensor:
-        """Log-probs of `candidate_ids` after prompt + each row's suffix tokens ([B, K], CPU), continuing
-        from the prompt's cache (right padding: real probe tokens never see the pads)."""
-        cache, mask, nxt_pos = state
-        b = len(suffixes)
-        width = max(len(x) for x in suffixes)
-        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
-        pmask = torch.zeros((b, width), dtype=torch.long)
-        for r, x in enumerate(suffixes):
-            ids[r, :len(x)] = torch.tensor(x)
-            pmask[r, :len(x)] = 1
-        pos = nxt_pos + torch.arange(width, device=self.device)[None, :]
-        out = self.model(input_ids=ids.to(self.device), attention_mask=torch.cat([mask, pmask.to(self.device)], dim=1),
-                         position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=width)
-        last = torch.tensor([len(x) - 1 for x in suffixes], device=self.device)
-        logits = out.logits[torch.arange(b, device=self.device), last - width + out.logits.shape[1]].float()
-        return torch.log_softmax(logits, dim=-1)[:, candidate_ids].cpu()
-
-
-def decode_step_tokens(model: Any) -> int | None:
-    """What one decoding step of a batch costs, in padded prompt tokens, for plan_batches' cut points.
-
-    CPU: about 35 tokens (SmolLM2-135M on 2 cores: 0.11 s per step of 16 rows, 3 ms per prompt token), so
-    a long prompt gets a batch of its own instead of padding fifteen short ones (1.7x faster on 64 MMLU
-    questions than the default, which assumes a GPU). GPU: decoding is launch-bound; keep the default.
-    """
-    return 32 if next(model.parameters()).device.type == "cpu" else None
-
-
-def newline_token_ids(tokenizer: Any) -> set[int]:
-    """Every token whose text contains a line break (decoded one by one, once per tokenizer)."""
-    key = (tokenizer.name_or_path, len(tokenizer))
-    if key not in _NEWLINE_IDS:
-        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-        _NEWLINE_IDS[key] = {i for i, t in enumerate(texts) if "\n" in t}
-    return _NEWLINE_IDS[key]
-
-
-_NEWLINE_IDS: dict[tuple[str, int], set[int]] = {}
-
-
-def stop_token_ids(lm: LoadedModel) -> set[int]:
-    """What ends a reply: the tokenizer's EOS and the generation config's (HF generate's rule)."""
-    ids = {lm.tokenizer.eos_token_id}
-    gen = getattr(lm.model, "generation_config", None)
-    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
-    ids |= set(extra) if isinstance(extra, list) else {extra}
-    return {i for i in ids if i is not None}
-
-
 def _batch_records(lm: LoadedModel, decoder: GreedyDecoder, scorer: PrefixScorer, batch: list[Sample],
                    prompts: list[str], seqs: list[list[int]], prefix_len: int, cands: list[list[int]],
                    sure_ids: list[list[int]], max_new: int, chat: bool, want_ap: bool) -> list[EvalReplyMCQ | EvalReplyOpen]:
@@ -472,8 +320,6 @@ def _add_sure_probs(lm: LoadedModel, decoder: GreedyDecoder, state: Any, scorer:
     The probe text is tokenised whole (as the training data was); when that keeps each prompt's
     tokens as its start and ' sure' / ' unsure' are single tokens, only the probe's own tokens run on
     the prompt's cache. Otherwise every row takes a full pass through PrefixScorer."""
-    from kb.probe import encode
-
     answers = [r["pred"] if "pred" in r else r["answer"] for r in recs]
     texts = [p + join_answer(p, a) + a + "." + sure_probe_suffix() for p, a in zip(prompts, answers)]
     probe = encode(lm.tokenizer, texts, chat)

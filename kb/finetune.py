@@ -25,12 +25,11 @@ from kb.errors import KbError
 from kb.io import read_json, write_json
 from kb.lmflow import read_dataset
 from kb.locks import lock_output
-from kb.models import default_device, load_model, make_portable, text_config
+from kb.models import BASE_FILE, default_device, load_model, make_portable, text_config
 from kb.paths import repo_path
 from kb.provenance import git_commit, package_versions
 from kb.recipe import Recipe, lora_layers
-from kb.tuned import BASE_FILE, META_FILE, base_model_ref, loss_curve, plot_loss, write_recipe_yaml
-from kb.tuned import read_base_info as read_base_info  # re-exported: kb.evaluate reads tuned dirs through here
+from kb.tuned import META_FILE, base_model_ref, loss_curve, plot_loss, write_recipe_yaml
 
 # Extra TrainerCallbacks (tests use this to interrupt a run and check the resume).
 EXTRA_CALLBACKS: list[Any] = []

@@ -14,10 +14,10 @@ from typing import Any
 
 from kb.errors import KbError, data_error
 from kb.io import read_json, write_json
-from kb.models import default_device, make_portable, resolve_model
+from kb.models import BASE_FILE, default_device, make_portable, resolve_model
 from kb.paths import repo_path
 from kb.recipe import KEYS, LORA_KEYS, Recipe
-from kb.tuned import BASE_FILE, META_FILE, base_model_ref, loss_curve, plot_loss, write_recipe_yaml
+from kb.tuned import META_FILE, base_model_ref, loss_curve, plot_loss, write_recipe_yaml
 
 FIELDS = {"text_only": ("text",), "text2text": ("input", "output")}
 

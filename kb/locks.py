@@ -35,7 +35,7 @@ def lock_path(path: Path) -> Path:
 
 def rank_path(path: Path) -> Path:
     """What this process writes for `path` in a torchrun/accelerate launch: rank 0 the file, rank r its shard
-    (kb.distributed.shard_path's name, computed here from the environment so no torch import is needed)."""
+    (kb.engine.driver.shard_path's name, computed here from the environment so no torch import is needed)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world <= 1 or rank == 0:

@@ -299,6 +299,22 @@ def check_remote_code(name: str, source: Path | str, trust_remote_code: bool, re
 
 
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".gguf", ".pt"}
+BASE_FILE = "kb_base_model.json"  # kb.finetune writes it into every tuned dir: which base model it was made from
+
+
+def read_base_info(path: str | Path) -> dict[str, Any] | None:
+    """The kb_base_model.json of a tuned model dir (adapter or full), checked; None for a plain model.
+
+    One reader for load_model (an adapter dir loads on the base it names) and kb.evaluate (a tuned dir's
+    results are filed under the base model's label)."""
+    p = repo_path(path)
+    f = p / BASE_FILE
+    if not p.is_dir() or not f.is_file():
+        return None
+    info = read_json(f)
+    if not isinstance(info, dict) or not isinstance(info.get("base_model"), str):
+        raise KbError(f"{f}: field 'base_model': missing or not a string")
+    return info
 
 
 def check_model_dir(source: Path | str) -> None:
@@ -353,11 +369,8 @@ def load_model(
         adapter = adapter or str(source)
         acfg = read_json(source / "adapter_config.json")
         base_name = (acfg.get("base_model_name_or_path") if isinstance(acfg, dict) else None) or ""
-        base_meta = source / "kb_base_model.json"
-        if base_meta.exists():
-            info = read_json(base_meta)
-            if not isinstance(info, dict) or not isinstance(info.get("base_model"), str):
-                raise KbError(f"{base_meta}: field 'base_model': missing or not a string")
+        info = read_base_info(source)
+        if info is not None:
             base_name = info["base_model"]
             revision = revision or info.get("base_revision")  # the tuned dir pins the base it was made from
         if not base_name:

@@ -10,27 +10,30 @@ from __future__ import annotations
 import argparse
 import hashlib
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from kb.answers import cut_at_period, open_correct
 from kb.config import default_batch_size
 from kb.data import LETTERS, Sample, dataset_spec, display_name, load_split, shots_for, subset
-from kb.decode import decode_texts, question_key, use_decoder
-from kb.distributed import ShardedLog, shard
 from kb.distributed import setup as setup_dist
 from kb.engine import (
+    Batch,
     PrefixScorer,
-    auto_token_budget,
     batch_seed,
-    generate,
+    encode,
+    greedy_texts,
     letter_candidates,
     letter_probs,
     pass_overhead_tokens,
     plan_batches,
+    question_key,
+    run_batches,
+    sample_answers,
+    token_budget,
 )
 from kb.errors import KbError
 from kb.io import write_json
@@ -46,22 +49,6 @@ from kb.rtuning import METHODS, answer_entropy, build_instances
 
 UNCERTAIN_SAMPLES = 5  # R-Tuning-U: answers sampled per question
 UNCERTAIN_TEMPERATURE = 0.7
-
-
-def token_budget(lm: LoadedModel, requested: int | None, generation: bool = True) -> int:
-    """Tokens per forward pass. On GPU sized from free memory (kb.engine.auto_token_budget).
-
-    `generation=True` (the safe default) sizes for keeping every layer's KV cache; scoring needs far less."""
-    if requested:
-        return requested
-    return auto_token_budget(lm.model, generation=generation)
-
-
-def encode(tokenizer: Any, prompts: list[str], chat: bool) -> list[list[int]]:
-    # A chat template already writes the BOS token into the text; plain prompts get the usual specials.
-    # One batched call: fast tokenizers encode the list in parallel (14k 5-shot MMLU prompts are ~10M tokens).
-    ids = tokenizer(prompts, add_special_tokens=not chat)["input_ids"] if prompts else []
-    return [x if isinstance(x, list) else list(x) for x in ids]
 
 
 def methods_from_arg(arg: str) -> list[str]:
@@ -119,30 +106,23 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
     batches = plan_batches(seqs, groups, args.batch_size, budget, share_prefix=spec.kind == "mcq", copies=copies,
                            extra_tokens=max_new_tokens if spec.kind == "open" else 0,
                            overhead_tokens=pass_overhead_tokens(lm.model) if spec.kind == "mcq" else None)
-    with ShardedLog(rec_path, dist, restart=args.restart) as log:
-        todo = shard([b for b in batches if any(samples[i].id not in log for i in b.indices)], dist, seqs)
-        bar = tqdm(total=len(samples), initial=len(samples) - sum(len(b.indices) for b in todo),
-                   desc=f"probe {name}", unit="q")
-        scorer = PrefixScorer(lm.model, tok.pad_token_id)
-        cands = letter_candidates(tok, max(len(s.choices) for s in samples), rule) if rule else []
-        # MCQ batches are queued one ahead of the one being written (no GPU idle while records are built).
-        scored = scorer.score_many((([seqs[i] for i in b.indices], b.prefix_len) for b in todo),
-                                   [t for c in cands for t in c]) if spec.kind == "mcq" else None
-        for b in todo:
-            batch = [samples[i] for i in b.indices]
-            bseqs = [seqs[i] for i in b.indices]
-            if spec.kind == "mcq":
-                recs = _mcq_records(scorer, batch, bseqs, b.prefix_len, cands, args.seed, sample_uncertain,
-                                    logp=next(scored)[0])  # type: ignore[arg-type]
-            else:
-                recs = _open_records(lm, batch, bseqs, max_new_tokens, batch_seed(args.seed, b), sample_uncertain,
-                                     run_seed=args.seed)
-            for r in recs:
-                if r["id"] not in log:
-                    log.append(r)
-            bar.update(len(batch))
-        bar.close()
-    by_id = log.finish(batches, [s.id for s in samples])  # several ranks: rank 0 merges the shards
+    scorer = PrefixScorer(lm.model, tok.pad_token_id)
+    cands = letter_candidates(tok, max(len(s.choices) for s in samples), rule) if rule else []
+    flat = [t for c in cands for t in c]
+
+    def work(b: Batch, scored: Any) -> list[dict[str, Any]]:
+        batch = [samples[i] for i in b.indices]
+        bseqs = [seqs[i] for i in b.indices]
+        if spec.kind == "mcq":
+            return _mcq_records(scorer, batch, bseqs, b.prefix_len, cands, args.seed, sample_uncertain, logp=scored[0])
+        return _open_records(lm, batch, bseqs, max_new_tokens, batch_seed(args.seed, b), sample_uncertain,
+                             run_seed=args.seed)
+
+    def ahead(todo: list[Batch]) -> Iterator[Any]:  # MCQ: batches queued one ahead of the one being written (no GPU idle)
+        return scorer.score_many((([seqs[i] for i in b.indices], b.prefix_len) for b in todo), flat)
+
+    by_id = run_batches(rec_path, [s.id for s in samples], seqs, batches, work, desc=f"probe {name}", dist=dist,
+                        restart=args.restart, ahead=ahead if spec.kind == "mcq" else None)
     if by_id is None:
         return {}  # not rank 0: rank 0 writes the outputs
     records = [by_id[s.id] for s in samples]
@@ -186,18 +166,11 @@ def _mcq_records(scorer: PrefixScorer, batch: list[Sample], seqs: list[list[int]
 
 def _open_records(lm: LoadedModel, batch: list[Sample], seqs: list[list[int]], max_new_tokens: int, seed: int,
                   sample_uncertain: bool, run_seed: int = 0) -> list[ProbeOpenRecord]:
-    if use_decoder(lm.model):  # GPU: kb.decode (captured decoding step, samples keyed by question)
-        texts, logps = decode_texts(lm.model, lm.tokenizer, seqs, max_new_tokens, want_scores=True)
-        samples = None
-        if sample_uncertain:
-            samples, _ = decode_texts(lm.model, lm.tokenizer, seqs, max_new_tokens, n=UNCERTAIN_SAMPLES,
-                                      temperature=UNCERTAIN_TEMPERATURE, keys=[question_key(run_seed, s.id) for s in batch])
-    else:
-        texts, logps = generate(lm.model, lm.tokenizer, seqs, max_new_tokens, want_scores=True)
-        samples = None
-    if sample_uncertain and samples is None:
-        samples, _ = generate(lm.model, lm.tokenizer, seqs, max_new_tokens, do_sample=True,
-                              temperature=UNCERTAIN_TEMPERATURE, num_return_sequences=UNCERTAIN_SAMPLES, seed=seed)
+    texts, logps = greedy_texts(lm.model, lm.tokenizer, seqs, max_new_tokens, want_scores=True)
+    samples = None
+    if sample_uncertain:  # CPU: seeded by the batch; GPU: keyed by question (kb.engine.sample_answers)
+        samples = sample_answers(lm.model, lm.tokenizer, seqs, UNCERTAIN_SAMPLES, max_new_tokens, UNCERTAIN_TEMPERATURE,
+                                 seed, stop_at_answer_end=False, keys=[question_key(run_seed, s.id) for s in batch])
     out = []
     for k, s in enumerate(batch):
         raw = texts[k][0]

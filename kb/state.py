@@ -14,26 +14,38 @@ seeds per batch (common random numbers, which keeps sampling noise out of the fl
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
+from numpy.lib.format import open_memmap
 
 from kb.answers import cut_at_period, normalise, open_correct
 from kb.config import CPU_BATCH_SIZE
 from kb.data import LETTERS, Sample, data_root_path, dataset_spec, load_split, shots_for, subset
-from kb.decode import decode_texts, question_key, use_decoder
-from kb.distributed import Dist, ShardedLog, shard
-from kb.engine import PrefixScorer, batch_seed, generate, letter_candidates, letter_probs, plan_batches
+from kb.distributed import Dist
+from kb.engine import (
+    Batch,
+    PrefixScorer,
+    batch_seed,
+    encode,
+    letter_candidates,
+    letter_probs,
+    plan_batches,
+    question_key,
+    run_batches,
+    sample_answers,
+    token_budget,
+)
 from kb.errors import KbError
 from kb.io import write_json
 from kb.locks import lock_output, rank_path
 from kb.metrics import near_chance
-from kb.models import LoadedModel
-from kb.probe import encode, token_budget
+from kb.models import LoadedModel, weights_fingerprint
+from kb.paths import repo_path
 from kb.prompts import PromptFormat, letter_rule, render, render_text, resolve_chat, templates
 from kb.provenance import check_resumable, make_meta
 from kb.statefile import (
@@ -41,6 +53,7 @@ from kb.statefile import (
     StateFile,
     agreement,
     load_npy,
+    load_reps,
     load_state,
     mean_pairwise_cosine,
     meta_path,
@@ -204,8 +217,6 @@ def resolve_embedder_name(name: str | None) -> str:
     """--embedder: a sentence-transformers name or dir; default the packaged all-MiniLM-L6-v2 dir."""
     if name:
         return name
-    import importlib.util
-
     found = importlib.util.find_spec(EMBEDDER_PACKAGE)
     if found is None or not found.submodule_search_locations:
         raise KbError(f"the default embedder needs the package {EMBEDDER_PACKAGE.replace('_', '-')}: run "
@@ -218,10 +229,7 @@ def resolve_embedder_name(name: str | None) -> str:
 
 def load_embedder(name: str, device: str) -> tuple[Any, str]:
     """A SentenceTransformer and a fingerprint of its weights (so M~'s query must use the same one)."""
-    from sentence_transformers import SentenceTransformer
-
-    from kb.models import weights_fingerprint
-    from kb.paths import repo_path
+    from sentence_transformers import SentenceTransformer  # heavy: loaded only for open answers
 
     path = repo_path(name)
     try:
@@ -296,8 +304,6 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
         arr = load_npy(npy)
         fresh = arr.shape != (len(samples), hidden) or str(arr.dtype) != settings.rep_dtype
     dist.barrier()  # every rank has decided `fresh` from the same files before rank 0 changes them
-    from numpy.lib.format import open_memmap
-
     if dist.is_main:
         if fresh:  # records without their meta or representations cannot be trusted to match
             rec_path.unlink(missing_ok=True)
@@ -305,10 +311,10 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
         write_json(mpath, meta)
         write_json(side, {**rep_info, "ids": [s.id for s in samples], "model_fingerprint": lm.fingerprint})
         if fresh:
-            reps = open_memmap(npy, mode="w+", dtype=settings.rep_dtype, shape=(len(samples), hidden))
-            reps[:] = np.nan  # a row still NaN at the end was never computed
-            reps.flush()
-            del reps
+            blank = open_memmap(npy, mode="w+", dtype=settings.rep_dtype, shape=(len(samples), hidden))
+            blank[:] = np.nan  # a row still NaN at the end was never computed
+            blank.flush()
+            del blank
     dist.barrier()
     reps = open_memmap(npy, mode="r+")  # ranks write disjoint rows of the one file (same host)
 
@@ -319,32 +325,27 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
                            copies=max(settings.n_samples, 1), extra_tokens=settings.max_new_tokens)
     scorer = PrefixScorer(lm.model, tok.pad_token_id)
     cands = letter_candidates(tok, max(len(s.choices) for s in samples), letter_rule(fmt)) if kind == "mcq" else []
-    with ShardedLog(rec_path, dist, restart=fresh) as log:
-        todo = shard([b for b in batches if any(samples[i].id not in log for i in b.indices)], dist, seqs)
-        bar = tqdm(total=len(samples), initial=len(samples) - sum(len(b.indices) for b in todo),
-                   desc=f"state {stem}", unit="q")
-        for b in todo:
-            batch = [samples[i] for i in b.indices]
-            bseqs = [seqs[i] for i in b.indices]
-            if kind == "mcq":
-                recs, hid = _mcq_batch(scorer, batch, bseqs, b.prefix_len, cands, settings.mcq_cer)
-            else:
-                recs, hid = _open_batch(lm, scorer, embedder, batch, bseqs, settings, batch_seed(settings.seed, b))
-            rows = hid.numpy().astype(settings.rep_dtype)
-            if not np.isfinite(rows).all():
-                raise KbError(f"representations overflow {settings.rep_dtype}; rerun with --rep-dtype float32 --restart")
-            reps[list(b.indices)] = rows
-            reps.flush()  # representations first: a record on disk always has its row
-            for r in recs:
-                if r["id"] not in log:
-                    log.append(r)
-            bar.update(len(batch))
-        bar.close()
-    del reps
-    if log.finish(batches, [s.id for s in samples]) is None:
+
+    def work(b: Batch, _: Any) -> list[dict[str, Any]]:
+        batch = [samples[i] for i in b.indices]
+        bseqs = [seqs[i] for i in b.indices]
+        if kind == "mcq":
+            recs, hid = _mcq_batch(scorer, batch, bseqs, b.prefix_len, cands, settings.mcq_cer)
+        else:
+            recs, hid = _open_batch(lm, scorer, embedder, batch, bseqs, settings, batch_seed(settings.seed, b))
+        rows = hid.numpy().astype(settings.rep_dtype)
+        if not np.isfinite(rows).all():
+            raise KbError(f"representations overflow {settings.rep_dtype}; rerun with --rep-dtype float32 --restart")
+        reps[list(b.indices)] = rows
+        reps.flush()  # representations first: a record on disk always has its row
+        return recs
+
+    done = run_batches(rec_path, [s.id for s in samples], seqs, batches, work, desc=f"state {stem}", dist=dist,
+                       restart=fresh)  # every row is flushed before its record is written
+    if done is None:
         return None  # not rank 0: rank 0 validates and summarises the merged file
     state = load_state(rec_path)
-    _, arr = _check_reps_complete(state)
+    load_reps(state)  # every row computed and finite
     wall = time.perf_counter() - t0
     summary = summarise(state, lm, fmt, wall)
     write_json(res_dir / f"{stem}.json", {**summary, "meta": {k: v for k, v in meta.items() if k != "question_ids"}})
@@ -352,12 +353,6 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
     if summary.get("note"):
         print("  note:", summary["note"])
     return StateRun(state, summary, wall)
-
-
-def _check_reps_complete(state: StateFile) -> tuple[dict[str, int], np.ndarray]:
-    from kb.statefile import load_reps
-
-    return load_reps(state)
 
 
 def _mcq_batch(scorer: PrefixScorer, batch: list[Sample], seqs: list[list[int]], prefix_len: int,
@@ -373,52 +368,6 @@ def _mcq_batch(scorer: PrefixScorer, batch: list[Sample], seqs: list[list[int]],
                     "choices": list(s.choices), "letter_probs": p, "pred": LETTERS[int(np.argmax(p))],
                     "cer_entropy": ent, "cer_agree": agr})
     return out, hid
-
-
-def answer_ended(text: str) -> bool:
-    """True once cut_at_period(text) can no longer change: the stripped text holds a period or a newline."""
-    t = text.lstrip()
-    return "." in t or "\n" in t
-
-
-def _answer_end_criterion(tokenizer: Any, start: int) -> Any:
-    from transformers import StoppingCriteria
-
-    class AnswerEnd(StoppingCriteria):
-        """Per-row stop at the end of the answer that cut_at_period keeps (the rest would be cut anyway)."""
-
-        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            import torch
-
-            texts = tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
-            return torch.tensor([answer_ended(t) for t in texts], dtype=torch.bool, device=input_ids.device)
-
-    return AnswerEnd()
-
-
-def sample_answers(model: Any, tokenizer: Any, seqs: list[list[int]], n: int, max_new_tokens: int, temperature: float,
-                   seed: int, stop_at_answer_end: bool = True, keys: list[int] | None = None) -> list[list[str]]:
-    """N sampled answers per prompt (engine.generate: the prompt is prefilled once and shared by the N samples).
-
-    Rows stop as soon as cut_at_period's answer is fixed, which on CPU saves most of the decoding (a
-    small model rambles for the whole token budget). Finished rows keep drawing random numbers (and
-    are padded), so the cut answers do not depend on the stop; a test checks that.
-
-    On a GPU (kb.decode.use_decoder) the samples come from kb.decode.Decoder: the step is a CUDA graph, the
-    answer-end stop is checked on the device, and sample k of question q is drawn with noise keyed by
-    (keys[q], k), so it does not depend on the batch (keys default to seed + the row's index).
-    """
-    if use_decoder(model):
-        keys = keys if keys is not None else [seed * 1_000_003 + i for i in range(len(seqs))]
-        texts, _ = decode_texts(model, tokenizer, seqs, max_new_tokens, n=n, temperature=temperature, keys=keys,
-                                stop_at_answer_end=stop_at_answer_end)
-        return texts
-    from transformers import StoppingCriteriaList
-
-    stop = StoppingCriteriaList([_answer_end_criterion(tokenizer, max(len(s) for s in seqs))]) if stop_at_answer_end else None
-    texts, _ = generate(model, tokenizer, seqs, max_new_tokens, do_sample=True, temperature=temperature,
-                        num_return_sequences=n, seed=seed, stopping_criteria=stop)
-    return texts
 
 
 def _open_batch(lm: LoadedModel, scorer: PrefixScorer, embedder: Any, batch: list[Sample], seqs: list[list[int]],

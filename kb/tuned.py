@@ -21,7 +21,6 @@ from kb.paths import repo_path, slug
 from kb.recipe import Recipe
 
 META_FILE = "kb_finetune.json"
-BASE_FILE = "kb_base_model.json"
 
 
 def base_model_ref(name: str) -> str:
@@ -31,13 +30,6 @@ def base_model_ref(name: str) -> str:
         return name
     path = repo_path(name)
     return str(path.resolve()) if path.exists() else name
-
-
-def read_base_info(path: str | Path) -> dict[str, Any] | None:
-    """The kb_base_model.json of a tuned model dir (adapter or full), or None for a plain model."""
-    p = repo_path(path)
-    f = p / BASE_FILE if p.is_dir() else None
-    return read_json(f) if f is not None and f.is_file() else None
 
 
 def default_output_dir(model_label: str, recipe_name: str, train_file: str | Path) -> Path:

@@ -1,11 +1,11 @@
-"""kb.decode.Decoder on CPU with a tiny model: greedy = one-at-a-time generate, samples = a reference sampler."""
+"""kb.engine.Decoder on CPU with a tiny model: greedy = one-at-a-time generate, samples = a reference sampler."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kb.decode import Decoder, StopRule, pick, row_key
+from kb.engine import Decoder, StopRule, pick, row_key
 from kb.testing import tiny_model, tiny_tokenizer
 
 PROMPTS = ["Question: What is the capital of France? Answer:", "I am sure.", "A. B. C. D. Answer: A",
@@ -35,7 +35,7 @@ def _greedy_one(model, seq, max_new, stops):
 @torch.inference_mode()
 def _reference_sample(model, seq, max_new, key, temperature, stops, rule=None, tok=None):
     """Full forward of prompt + tokens so far at every step, the same counter-based noise."""
-    from kb.state import answer_ended
+    from kb.answers import answer_ended
 
     ids = list(seq)
     new: list[int] = []
@@ -103,28 +103,27 @@ def test_answer_end_rule_on_device(setup):
 
 
 def test_stage_sampling_through_the_decoder_is_keyed_by_question(setup, monkeypatch):
-    """kb.state.sample_answers on the decoder path (forced on CPU): a question's samples do not depend on its batch,
+    """kb.engine.sample_answers on the decoder path (forced on CPU): a question's samples do not depend on its batch,
     and the on-device answer-end stop leaves the cut answers as the full-length samples give them."""
-    import kb.state as state
+    import kb.engine.generation as gen
     from kb.answers import cut_at_period
 
     tok, model, seqs = setup
-    monkeypatch.setattr(state, "use_decoder", lambda m: True)
+    monkeypatch.setattr(gen, "use_decoder", lambda m: True)
     keys = [11, 22, 33, 44]
-    both = state.sample_answers(model, tok, seqs[:4], 3, 12, 1.0, seed=0, keys=keys)
-    alone = state.sample_answers(model, tok, seqs[2:3], 3, 12, 1.0, seed=5, keys=keys[2:3])
+    both = gen.sample_answers(model, tok, seqs[:4], 3, 12, 1.0, seed=0, keys=keys)
+    alone = gen.sample_answers(model, tok, seqs[2:3], 3, 12, 1.0, seed=5, keys=keys[2:3])
     assert alone[0] == both[2]
-    full = state.sample_answers(model, tok, seqs[:4], 3, 12, 1.0, seed=0, keys=keys, stop_at_answer_end=False)
+    full = gen.sample_answers(model, tok, seqs[:4], 3, 12, 1.0, seed=0, keys=keys, stop_at_answer_end=False)
     assert [[cut_at_period(t) for t in r] for r in both] == [[cut_at_period(t) for t in r] for r in full]
 
 
 def test_evaluation_replies_through_the_decoder_match_the_cpu_path(tiny_lm):
-    """GreedyDecoder's GPU path (kb.decode, forced here on CPU): same replies, first-step letter
+    """GreedyDecoder's GPU path (the device decoder, forced here on CPU): same replies, first-step letter
     probabilities and p(sure) (then from PrefixScorer's pass) as its CPU path, records compared whole."""
     from kb.data import load_split, subset
-    from kb.engine import PrefixScorer, letter_candidates, plan_batches
-    from kb.evaluate import GreedyDecoder, _batch_records, stop_token_ids
-    from kb.probe import encode
+    from kb.engine import GreedyDecoder, PrefixScorer, encode, generation_stop_ids, letter_candidates, plan_batches
+    from kb.evaluate import _batch_records
     from kb.prompts import PromptFormat, render
 
     tok = tiny_lm.tokenizer
@@ -139,7 +138,7 @@ def test_evaluation_replies_through_the_decoder_match_the_cpu_path(tiny_lm):
     scorer = PrefixScorer(tiny_lm.model, tok.pad_token_id)
     recs = []
     for fast in (False, True):
-        dec = GreedyDecoder(tiny_lm.model, tok.pad_token_id, stop_token_ids(tiny_lm))
+        dec = GreedyDecoder(tiny_lm.model, tok.pad_token_id, set(generation_stop_ids(tiny_lm.model, tok)))
         dec.fast = fast
         recs.append(_batch_records(tiny_lm, dec, scorer, [samples[i] for i in idx], [prompts[i] for i in idx],
                                    [seqs[i] for i in idx], batch.prefix_len, cands, sure_ids, 6, chat, True))

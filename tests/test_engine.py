@@ -12,9 +12,9 @@ import torch
 from kb.engine import (
     BATCH_OVERHEAD_TOKENS,
     PrefixScorer,
-    _decoder,
     cascade_supported,
     common_prefix_len,
+    decoder_stack,
     generate,
     letter_probs,
     plan_batches,
@@ -61,7 +61,7 @@ def one_at_a_time(model, seqs):
     for s in seqs:
         x = torch.tensor([s])
         logps.append(torch.log_softmax(model(input_ids=x).logits[0, -1].float(), -1))
-        hids.append(_decoder(model)(input_ids=x).last_hidden_state[0, -1].float())
+        hids.append(decoder_stack(model)(input_ids=x).last_hidden_state[0, -1].float())
     return torch.stack(logps), torch.stack(hids)
 
 

@@ -11,7 +11,8 @@ from types import ModuleType
 
 import pytest
 
-from kb.evaluate import GreedyDecoder, _needs_more, continuation_logprobs, row_name, stop_token_ids
+from kb.engine import GreedyDecoder, continuation_logprobs, generation_stop_ids
+from kb.evaluate import _needs_more, row_name
 from kb.paths import REPO_ROOT
 from kb.records import read_eval_records
 
@@ -170,12 +171,11 @@ def test_greedy_decoder_matches_engine_on_smollm2(smollm2) -> None:  # type: ign
 
 
 def _check_decoder(lm, n: int) -> None:  # type: ignore[no-untyped-def]
-    """Same texts as engine.generate, same letter probabilities as PrefixScorer, same p(sure) as a full pass."""
+    """Same texts as kb.engine.generate, same letter probabilities as PrefixScorer, same p(sure) as a full pass."""
     import torch
 
     from kb.data import load_split, subset
-    from kb.engine import PrefixScorer, generate, letter_candidates, letter_probs, plan_batches
-    from kb.probe import encode
+    from kb.engine import PrefixScorer, encode, generate, letter_candidates, letter_probs, plan_batches
     from kb.prompts import PromptFormat, render, sure_probe_suffix
 
     tok = lm.tokenizer
@@ -184,7 +184,7 @@ def _check_decoder(lm, n: int) -> None:  # type: ignore[no-untyped-def]
     fmt = PromptFormat("mcq_refuse", 0, chat)
     prompts = [render(s, fmt, [], tok) for s in samples]
     seqs = encode(tok, prompts, chat)
-    dec = GreedyDecoder(lm.model, tok.pad_token_id, stop_token_ids(lm))
+    dec = GreedyDecoder(lm.model, tok.pad_token_id, set(generation_stop_ids(lm.model, tok)))
     scorer = PrefixScorer(lm.model, tok.pad_token_id)
     cands = letter_candidates(tok)
     flat = [t for c in cands for t in c]

@@ -11,9 +11,9 @@ import yaml
 
 from kb import finetune as ft
 from kb.errors import KbError
+from kb.models import read_base_info
 from kb.paths import REPO_ROOT
 from kb.recipe import Recipe, load_recipe, lora_layers, parse_overrides
-from kb.tuned import read_base_info
 
 
 def tiny_config(**over: object) -> dict:

@@ -125,8 +125,8 @@ def test_malformed_training_file_stops_the_launcher(tmp_path: Path, tiny_model_d
 
 def test_prepare_stages_the_data_folder(train_file: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
     from kb.lmflow import prepare_lmflow
+    from kb.models import read_base_info
     from kb.recipe import load_recipe
-    from kb.tuned import read_base_info
 
     out = tmp_path / "lmflow_run"
     recipe, name = load_recipe(REPO_ROOT / "configs" / "finetune_rtuning.yaml")

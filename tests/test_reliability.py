@@ -175,7 +175,8 @@ def test_data_parallel_ranks_lock_their_own_files(tmp_path, monkeypatch):
     rec = tmp_path / "probe_X.jsonl"
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    from kb.distributed import Dist, shard_path
+    from kb.distributed import Dist
+    from kb.engine import shard_path
 
     assert rank_path(rec) == shard_path(rec, Dist(1, 2)) == tmp_path / "probe_X.jsonl.shard-1-of-2"  # what rank 1 writes
     lock_output(rank_path(rec))

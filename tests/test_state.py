@@ -223,8 +223,8 @@ def test_open_shots_never_come_from_the_queried_questions():
 
 def test_early_stop_at_answer_end_keeps_the_cut_answers(tiny_lm):
     """Rows stop once cut_at_period's answer is fixed; the cut answers equal those of a run without the stop."""
-    from kb.answers import cut_at_period
-    from kb.state import answer_ended, sample_answers
+    from kb.answers import answer_ended, cut_at_period
+    from kb.engine import sample_answers
 
     tok = tiny_lm.tokenizer
     seqs = [tok(p)["input_ids"] for p in ("Question: What is the capital of France? Answer:", "I am sure. A", "B")]

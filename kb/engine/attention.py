@@ -1,0 +1,185 @@
+"""kb's own attention paths and when they apply: the cascade attention of the prefix scorer.
+
+Cascade attention: a batch's suffixes arrive packed end to end (no padding goes through the weights);
+each suffix token attends to the shared prefix and to its own question separately, and the two softmax
+halves are merged exactly by their log-sum-exp. `plain_attention_model` says which models such paths
+reproduce exactly (the device decoder's step, kb.engine.step, uses it too); others take the scorer's
+padded path, which broadcasts the prefix cache instead of copying it (`shared_view`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+CASCADE = "kb_cascade"  # name under which the cascade attention is registered with transformers
+# Model families whose CausalLM logits are exactly lm_head(last hidden state) and whose attention is
+# plain scaled dot-product (no softcapping, no sinks): the cascade path computes them itself.
+CASCADE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "olmo2", "phi3"}
+
+
+def decoder_stack(model: Any) -> Any:
+    """The model without its LM head (embeddings, layers, final norm): kb's paths apply the head themselves."""
+    getter = getattr(model, "get_decoder", None)
+    dec = getter() if getter else None
+    return dec if dec is not None else model.base_model
+
+
+_REGISTERED: set[str] = set()
+
+
+def register_attention(name: str, fn: Any) -> None:
+    """Make `fn` selectable as attn_implementation `name` in transformers (once per process)."""
+    if name not in _REGISTERED:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(name, fn)
+        _REGISTERED.add(name)
+
+
+@contextmanager
+def attention_as(model: Any, name: str) -> Iterator[None]:
+    """Run `model`'s layers with the registered attention `name` for the duration (restored after)."""
+    cfg = model.config
+    saved = cfg._attn_implementation
+    cfg._attn_implementation = name
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = saved
+
+
+def cascade_supported(model: Any) -> bool:
+    """Whether the cascade path computes exactly this model's function (else the KV-view path is used)."""
+    return plain_attention_model(model, CASCADE_MODEL_TYPES)
+
+
+def plain_attention_model(model: Any, model_types: set[str] | frozenset[str]) -> bool:
+    """A model of one of `model_types` with full causal attention everywhere (no sliding window, no logit
+    softcapping, sdpa or eager attention) and a separate output head: what kb's own attention paths
+    (the cascade scorer, the device decoder) reproduce exactly."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) not in model_types:
+        return False
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "attn_logit_softcapping", None):
+        return False
+    sliding = cfg.use_sliding_window if hasattr(cfg, "use_sliding_window") else getattr(cfg, "sliding_window", None)
+    if sliding or any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []):
+        return False
+    if getattr(cfg, "_attn_implementation", None) not in ("sdpa", "eager", None):
+        return False
+    dec = decoder_stack(model)
+    return hasattr(dec, "layers") and model.get_output_embeddings() is not None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cascade attention: softmax over [prefix keys ; own keys] computed as two attentions merged by LSE.
+
+
+@dataclass
+class CascadeContext:
+    """What cascade_attention reads for one packed batch (set by `cascade`, per forward pass)."""
+
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer: keys, values [1, H, P, D] (heads expanded)
+    dest: torch.Tensor  # [T]: where each packed token sits in the [rows * width] right-padded layout
+    rows: int
+    width: int
+
+
+_ACTIVE: CascadeContext | None = None
+
+
+@contextmanager
+def cascade(model: Any, ctx: CascadeContext) -> Iterator[None]:
+    """Route `model`'s attention through cascade_attention over `ctx` for one forward pass."""
+    global _ACTIVE
+    _ACTIVE = ctx
+    try:
+        with attention_as(model, CASCADE):
+            yield
+    finally:
+        _ACTIVE = None
+
+
+def _attn_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output [B, H, L, D] and its log-sum-exp [B, H, L] (fp32); causal is top-left aligned (L == S)."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256:
+        out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+        return out[0], out[1]
+    if q.device.type == "cpu" and q.dtype == torch.float32:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        return out, lse
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # fp32 reference path (fp32 on GPU)
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.matmul(torch.exp(s - lse[..., None]), v.float()).to(q.dtype), lse
+
+
+def repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Keys/values [B, Hkv, S, D] expanded to the query's head count (grouped-query attention)."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def cascade_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
+                      **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention function for packed suffixes: [1, H, T, D], causal per question, all see the prefix.
+
+    The suffixes of a batch arrive concatenated (no padding goes through the projections and the MLP);
+    only for their own causal attention are they laid out right-padded, [rows, width], and back.
+    """
+    ctx = _ACTIVE
+    assert ctx is not None, "cascade attention runs only inside PrefixScorer"
+    _, h, t, d = query.shape
+    scale = scaling if scaling is not None else d ** -0.5
+
+    def padded(x: torch.Tensor) -> torch.Tensor:  # [1, h', T, D] -> [rows, h', width, D]
+        buf = x.new_zeros((ctx.rows * ctx.width, x.shape[1], d))
+        buf.index_copy_(0, ctx.dest, x[0].transpose(0, 1))
+        return buf.view(ctx.rows, ctx.width, x.shape[1], d).transpose(1, 2)
+
+    out_pad, lse_pad = _attn_lse(padded(query), repeat_heads(padded(key), h), repeat_heads(padded(value), h), True, scale)
+    out_s = out_pad.transpose(1, 2).reshape(ctx.rows * ctx.width, h, d).index_select(0, ctx.dest)  # [T, H, D]
+    if ctx.prefix is None:
+        return out_s[None], None
+    lse_s = lse_pad.transpose(1, 2).reshape(ctx.rows * ctx.width, h).index_select(0, ctx.dest)  # [T, H]
+    pk, pv = ctx.prefix[module.layer_idx]
+    out_p, lse_p = _attn_lse(query, pk, pv, False, scale)  # every token sees the whole prefix: one batch-1 call
+    # softmax over [prefix ; own keys] = lerp of the two halves by the prefix's share of the total mass.
+    share = torch.sigmoid(lse_p[0].transpose(0, 1) - lse_s)[..., None]
+    out = torch.empty((1, t, h, d), dtype=query.dtype, device=query.device)
+    torch.lerp(out_s, out_p[0].transpose(0, 1).to(query.dtype), share.to(query.dtype), out=out[0])
+    return out, None
+
+
+_REGISTERED: set[str] = set()
+
+
+def view_supported(cache: Any) -> bool:
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(
+        type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) and getattr(layer, "is_initialized", False)
+        and not getattr(layer, "record_past", False) for layer in layers)
+
+
+def shared_view(cache: Any, rows: int) -> Any:
+    """The prefix cache seen by `rows` rows: keys/values broadcast, concatenated per layer, never stored."""
+    view = copy.copy(cache)  # shares the layer objects, so lengths and mask sizes read as the prefix's
+
+    def update(key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
+        layer = cache.layers[layer_idx]
+        k = layer.keys.expand(rows, -1, -1, -1)
+        v = layer.values.expand(rows, -1, -1, -1)
+        return torch.cat([k, key_states], dim=-2), torch.cat([v, value_states], dim=-2)
+
+    view.update = update
+    return view
+

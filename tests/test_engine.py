@@ -172,3 +172,19 @@ def test_two_ranks_merge_into_the_single_process_file(tmp_path, tiny_model_dir):
 
             a, b = json.loads((one / n).read_text()), json.loads((two / n).read_text())
             assert a["instances"] == b["instances"], n
+
+
+def test_generation_token_bytes_count_the_vocabulary_and_the_dtype():
+    """A Gemma-3-270M-shaped model: its 262k-entry fp32 logits dominate a generated token's memory, and fp32
+    weights double the keys and values (the state query that ran out of memory counted neither)."""
+    from types import SimpleNamespace
+
+    from kb.engine.plan import token_bytes
+
+    gemma = SimpleNamespace(num_hidden_layers=18, num_key_value_heads=1, num_attention_heads=4, head_dim=256,
+                            hidden_size=640, intermediate_size=2048, vocab_size=262144)
+    small_vocab = SimpleNamespace(**{**vars(gemma), "vocab_size": 32000})
+    gen32, gen16 = token_bytes(gemma, 4, True), token_bytes(gemma, 2, True)
+    assert gen32 >= 2 * 4 * 262144 and gen32 - gen16 == 18 * 2 * 1 * 256 * 2
+    assert token_bytes(gemma, 4, True) - token_bytes(small_vocab, 4, True) == 2 * 4 * (262144 - 32000)
+    assert token_bytes(gemma, 4, False) < gen32 / 10  # scoring keeps one layer and no vocabulary-wide rows

@@ -118,15 +118,25 @@ def auto_token_budget(model: Any, *, generation: bool = False, fraction: float |
         return 16384
     free, _ = torch.cuda.mem_get_info()
     free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # this process's cached, reusable blocks
-    cfg = text_config(model)
+    per_token = token_bytes(text_config(model), next(model.parameters()).dtype.itemsize, generation)
+    return max(512, int(free * fraction / per_token))
+
+
+def token_bytes(cfg: Any, itemsize: int, generation: bool) -> int:
+    """GPU memory one token of a batch holds (auto_token_budget's unit), for weights of `itemsize` bytes.
+
+    Generation also keeps fp32 logits over the whole vocabulary for the tokens it scores (and a copy for
+    the sampling processors): with Gemma-3's 262k-token vocabulary that is 2 MB a token, more than all of
+    its keys and values; leaving it out let a state query on a shared GPU run out of memory."""
     layers = getattr(cfg, "num_hidden_layers", 32)
     kv_heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", 32)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     inter = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
-    kv_layer = 2 * kv_heads * head_dim * 2  # bf16 keys + values of one token in one layer
+    kv_layer = 2 * kv_heads * head_dim * itemsize  # keys + values of one token in one layer
     act = 16 * cfg.hidden_size + 8 * inter  # the live activations of one token in one layer (bf16 + fp32 temps)
-    per_token = layers * kv_layer + act if generation else 4 * kv_layer + act
-    return max(512, int(free * fraction / per_token))
+    if not generation:
+        return 4 * kv_layer + act
+    return layers * kv_layer + act + 2 * 4 * getattr(cfg, "vocab_size", 32000)
 
 
 def pass_overhead_tokens(model: Any) -> int:

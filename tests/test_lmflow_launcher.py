@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kb.config import load_yaml
 from kb.errors import KbError
 from kb.paths import REPO_ROOT
 from kb.recipe import Recipe, load_recipe
@@ -78,7 +79,7 @@ def test_the_recipe_flag_is_recipe(train_file: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO_ROOT / "configs").glob("finetune_*.yaml")))
 def test_dry_run_passes_every_hyperparameter(config: str, train_file: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
-    cfg = yaml.safe_load((REPO_ROOT / "configs" / config).read_text())
+    cfg = load_yaml(str(REPO_ROOT / "configs" / config))  # with its `base:` recipe resolved
     if cfg["lora"] and cfg["lora"]["layers"] is not None:
         # LMFlow cannot restrict LoRA to some layers: the launcher must say so rather than train differently.
         res = _dry_run(f"configs/{config}", train_file, tmp_path / "out", str(tiny_model_dir))

@@ -27,6 +27,7 @@ from kb.errors import cli_main
 from kb.locks import lock_output, rank_path
 from kb.models import load_model, model_label
 from kb.paths import repo_path
+from kb.prompts import kind_budget
 from kb.provenance import recorded_args
 from kb.state import check_query_args, run_state_query, settings_from_args
 from kb.statefile import source_name
@@ -40,12 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="ID_train", help="registered split (MMLU and ParaRel: ID_train)")
     p.add_argument("--shots", type=int, default=None, help="solved examples before each question (default 5 MCQ, 3 open)")
     p.add_argument("--template", default=None,
-                   help="prompt template (default mcq_harness; open: open_short as chat turns, open_rtuning without chat)")
+                   help="prompt template (default: the dataset's `query` role in kb/registry.yaml; mcq_harness, "
+                        "open: open_short as chat turns, open_rtuning without chat)")
     p.add_argument("--mcq-cer", default="entropy", choices=["entropy", "agreement"],
                    help="MCQ certainty stored as `cer`: sum p log p (CRaFT) or sum p^2 (the card's agreement)")
     p.add_argument("--n-samples", type=int, default=10, help="open: answers sampled per question")
     p.add_argument("--temperature", type=float, default=1.0, help="open: sampling temperature")
-    p.add_argument("--max-new-tokens", type=int, default=50, help="open: tokens per sampled answer")
+    p.add_argument("--max-new-tokens", type=int, default=kind_budget("open", "query"),
+                   help="open: tokens per sampled answer (default: kb/registry.yaml's query budget)")
     p.add_argument("--embedder", default=None,
                    help="open: sentence-transformers name or dir (default: packaged all-MiniLM-L6-v2)")
     p.add_argument("--rep-dtype", default="float16", choices=["float16", "float32"],

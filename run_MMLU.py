@@ -16,6 +16,7 @@ import argparse
 from kb.config import add_common_args, parse_with_config
 from kb.errors import KbError, cli_main
 from kb.probe import run_probe
+from kb.prompts import prompt_for
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, default=5, choices=[0, 5], help="dev-set shots (harness format)")
     p.add_argument("--method", default="all",
                    help="R-Tuning data to write: unsure, unknown, uncertain, a comma list of them, or all")
-    p.add_argument("--template", default="mcq_harness", help="prompt template name from kb/registry.yaml")
+    p.add_argument("--template", default=prompt_for("mmlu", "probe"),
+                   help="prompt template name from kb/registry.yaml (default: MMLU's `probe` role there)")
     return p
 
 
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_with_config(build_parser(), argv)
     if args.domain == "OOD" and args.split == "train":
         raise KbError("MMLU OOD has no train split in R-Tuning's setup; use --domain OOD --split test")
-    tag = "" if args.template == "mcq_harness" else args.template
+    tag = "" if args.template == prompt_for("mmlu", "probe") else args.template  # files name a non-default prompt
     run_probe(args, "mmlu", f"{args.domain}_{args.split}", args.template, tag=tag)
 
 

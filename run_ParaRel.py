@@ -16,6 +16,7 @@ import argparse
 from kb.config import add_common_args, parse_with_config
 from kb.errors import KbError, cli_main
 from kb.probe import run_probe
+from kb.prompts import budget_for, prompt_for
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,9 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, default=0, help="solved ParaRel training examples before the question")
     p.add_argument("--method", default="all",
                    help="R-Tuning data to write: unsure, unknown, uncertain, a comma list of them, or all")
-    p.add_argument("--max-new-tokens", type=int, default=15)
+    p.add_argument("--max-new-tokens", type=int, default=budget_for("pararel", "probe"),
+                   help="greedy answer budget (default: ParaRel's probe budget in kb/registry.yaml)")
     p.add_argument("--template", default=None,
-                   help="prompt template (default: open_short with a chat template, else open_rtuning)")
+                   help="prompt template (default: ParaRel's `probe` role in kb/registry.yaml: open_short with a "
+                        "chat template, else open_rtuning)")
     return p
 
 
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_with_config(build_parser(), argv)
     if args.domain == "OOD" and args.split == "train":
         raise KbError("ParaRel OOD has only a test split; use --domain OOD --split test")
-    template = args.template or ("open_short" if args.chat_template != "off" else "open_rtuning")
+    template = args.template or prompt_for("pararel", "probe", chat=args.chat_template != "off")
     run_probe(args, "pararel", f"{args.domain}_{args.split}", template, args.max_new_tokens, tag=args.template or "")
 
 

@@ -36,7 +36,7 @@ from kb.engine import (
     pass_overhead_tokens,
     plan_batches,
 )
-from kb.prompts import PromptFormat, render
+from kb.prompts import PromptFormat, prompt_for, render
 
 
 def pick(limit: int, subjects: int, seed: int) -> list[Any]:
@@ -198,7 +198,7 @@ def main() -> None:
 
     sub = common.load_subject(args)
     samples = pick(args.limit, args.subjects, args.seed)
-    fmt = PromptFormat("mcq_harness", args.shots, chat=False)
+    fmt = PromptFormat(prompt_for("mmlu", "probe"), args.shots, chat=False)
     prompts = [render(s, fmt, shots_for("mmlu", args.shots, s.group)) for s in samples]
     groups = [s.group for s in samples]
     n_choices = [len(s.choices) for s in samples]

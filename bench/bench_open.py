@@ -39,7 +39,7 @@ from kb.engine import (
     plan_batches,
     use_decoder,
 )
-from kb.prompts import PromptFormat, render, resolve_chat
+from kb.prompts import PromptFormat, prompt_for, render, resolve_chat
 
 
 def run_kb(sub: common.Subject, seqs: list[list[int]], n: int, max_new: int, temperature: float, do_sample: bool,
@@ -174,7 +174,7 @@ def main() -> None:
     sub = common.load_subject(args)
     chat = resolve_chat(args.chat_template if not (args.random_init and args.chat_template == "auto") else "off",
                         sub.tokenizer)
-    template = "open_short" if chat else "open_rtuning"
+    template = prompt_for("pararel", "probe", chat)
     fmt = PromptFormat(template, args.shots if not chat else 0, chat)
     samples = subset(load_split("pararel", args.split), args.limit or None, args.seed)
     prompts = [render(s, fmt, shots_for("pararel", fmt.shots, s.group), sub.tokenizer) for s in samples]

@@ -1,7 +1,7 @@
 """Evaluation of an initial or tuned model on ID/OOD test sets (Task 2.2.1, docs/method.md sections 3.5, 8).
 
 Per question, in one batch pass over the test set:
-  1. the reply: greedy, 0-shot, `max_new_tokens` (MCQ 8, open 16), classified by kb.answers as
+  1. the reply: greedy, 0-shot, `max_new_tokens` (kb/registry.yaml's eval budget: MCQ 8, open 16), classified by kb.answers as
      correct / incorrect / refused / fail_parse (strict: contains "i don't know"; broad: the phrase
      list). R-Tuning's own abstention, "<answer>. Are you sure ...? I am unsure." (or just "<answer>.
      I am unsure."), counts as refused; a reply cut off inside that expression is continued (greedy,
@@ -52,8 +52,10 @@ from kb.paths import repo_path, slug
 from kb.prompts import (
     PromptFormat,
     base_shots,
+    budget_for,
     join_answer,
     letter_rule,
+    prompt_for,
     render,
     resolve_chat,
     rtuning_strings,
@@ -63,13 +65,10 @@ from kb.prompts import (
 from kb.provenance import make_meta, recorded_args, start_records
 from kb.records import EvalReplyMCQ, EvalReplyOpen, apply_judgements, judgement, judgement_path, read_eval_records
 
-DEFAULT_MAX_NEW_TOKENS = {"mcq": 8, "open": 16}  # MCQ replies are a letter or "I don't know."
-RTUNING_EXTRA_TOKENS = 32  # budget to finish "Are you sure ...? I am (un)sure." (about 20 tokens)
 INITIAL = metrics.INITIAL_ROW  # the initial model: its method folder, and its BASIC run's row
 # Test sets of the two tracks (docs/method.md section 8, R-Tuning's splits).
 DEFAULT_TESTS = ("mmlu:ID_test", "mmlu:OOD_test")
-SHORT_TEMPLATES = {"basic": {"mcq": "mcq_basic", "open": "open_basic"},
-                   "refuse": {"mcq": "mcq_refuse", "open": "open_refuse"}}
+SHORT_NAMES = ("basic", "refuse")  # --template shorthands: the dataset's registered BASIC / REFUSE prompt
 
 
 # ---------------------------------------------------------------- naming
@@ -89,10 +88,11 @@ def parse_tests(items: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def template_for(name: str, kind: str) -> str:
-    """'basic' / 'refuse' -> the registered template of the dataset's kind; any registered name as is."""
-    if name in SHORT_TEMPLATES:
-        return SHORT_TEMPLATES[name][kind]
+def template_for(name: str, dataset: str) -> str:
+    """'basic' / 'refuse' -> the dataset's template of that role (kb.prompts.prompt_for); any registered name as is."""
+    if name in SHORT_NAMES:
+        return prompt_for(dataset, name)
+    kind = dataset_spec(dataset).kind
     if name not in templates():
         raise KbError(f"unknown prompt template {name!r}; use basic, refuse or one of: {', '.join(templates())}")
     needs_options = "{options}" in templates()[name]["item"]
@@ -102,18 +102,14 @@ def template_for(name: str, kind: str) -> str:
     return name
 
 
-def basic_template(kind: str) -> str:
-    return SHORT_TEMPLATES["basic"][kind]
-
-
-def row_name(method: str, template: str, kind: str) -> str:
+def row_name(method: str, template: str, dataset: str) -> str:
     """The table row (and the record's `method`): the initial model's BASIC run is 'initial', a tuned
     model's REFUSE run is its method name; any other prompt is appended ('initial_refuse', ...).
     THS compares every row with the 'initial' row of the same test set."""
-    default = basic_template(kind) if method == INITIAL else SHORT_TEMPLATES["refuse"][kind]
+    default = prompt_for(dataset, "basic" if method == INITIAL else "refuse")
     if template == default:
         return method
-    short = next((k for k, v in SHORT_TEMPLATES.items() if v[kind] == template), template)
+    short = next((k for k in SHORT_NAMES if prompt_for(dataset, k) == template), template)
     return f"{method}_{short}"
 
 
@@ -162,21 +158,22 @@ def evaluate_set(lm: LoadedModel, label: str, method: str, tuned: bool, dataset:
     """Evaluate one (test set, prompt) pair; returns the summary (also written next to the records)."""
     spec = dataset_spec(dataset)
     kind = spec.kind
-    template = template_for(template_arg, kind)
+    template = template_for(template_arg, dataset)
     samples = subset(load_split(dataset, split, args.data_root), args.limit, args.seed)
     tok = lm.tokenizer
     chat = resolve_chat(args.chat_template, tok)
     fmt = PromptFormat(template, 0, chat)
     fmt.check()
-    max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[kind]
+    max_new = args.max_new_tokens or budget_for(dataset, "eval")
+    extra = budget_for(dataset, "eval_extra")
     args.batch_size = default_batch_size(args.batch_size, lm.device)  # before the meta records it
-    row = row_name(method, template, kind)
+    row = row_name(method, template, dataset)
     rec_path, sum_path, meta_path = eval_paths(args.results_dir, label, method, dataset, split, template)
 
     prompts = [render(s, fmt, [], tok) for s in samples]
     seqs = encode(tok, prompts, chat)
     run_key = {"dataset": spec.name, "split": split, "prompt": fmt.describe(), "limit": args.limit, "seed": args.seed,
-               "max_new_tokens": max_new, "rtuning_extra_tokens": RTUNING_EXTRA_TOKENS, "ap": args.ap,
+               "max_new_tokens": max_new, "rtuning_extra_tokens": extra, "ap": args.ap,
                "method": method}
     rule = letter_rule(fmt) if kind == "mcq" else None
     meta = make_meta("evaluate", run_key, lm, samples, {"label": label, "row": row, "tuned": tuned, "letter_rule": rule,
@@ -200,7 +197,7 @@ def evaluate_set(lm: LoadedModel, label: str, method: str, tuned: bool, dataset:
     def work(b: Batch, _: Any) -> list[dict[str, Any]]:
         idx = list(b.indices)
         recs = _batch_records(lm, decoder, scorer, [samples[i] for i in idx], [prompts[i] for i in idx],
-                              [seqs[i] for i in idx], b.prefix_len, cands, sure_ids, max_new, chat, args.ap)
+                              [seqs[i] for i in idx], b.prefix_len, cands, sure_ids, max_new, extra, chat, args.ap)
         return [{**r, "method": row, "test_set": test_name(dataset, split), "template": template,
                  "should_abstain": should_abstain(dataset, r["group"])} for r in recs]
 
@@ -273,14 +270,14 @@ def reclassify_set(args: argparse.Namespace, label: str, method: str, dataset: s
 
 def _batch_records(lm: LoadedModel, decoder: GreedyDecoder, scorer: PrefixScorer, batch: list[Sample],
                    prompts: list[str], seqs: list[list[int]], prefix_len: int, cands: list[list[int]],
-                   sure_ids: list[list[int]], max_new: int, chat: bool, want_ap: bool) -> list[EvalReplyMCQ | EvalReplyOpen]:
+                   sure_ids: list[list[int]], max_new: int, extra: int, chat: bool, want_ap: bool) -> list[EvalReplyMCQ | EvalReplyOpen]:
     tok = lm.tokenizer
     mcq = bool(cands)
     new_ids, first, lps, state = decoder.decode(seqs, prefix_len, max_new, keep_prompt=want_ap)
     replies = [tok.decode(t, skip_special_tokens=True) for t in new_ids]
     more = [k for k, r in enumerate(replies) if _needs_more(r)]
     if more:  # finish R-Tuning's expression so its verdict can be read (greedy from prompt + reply so far)
-        cont, _, _, _ = decoder.decode([seqs[k] + new_ids[k] for k in more], prefix_len, RTUNING_EXTRA_TOKENS)
+        cont, _, _, _ = decoder.decode([seqs[k] + new_ids[k] for k in more], prefix_len, extra)
         for k, t in zip(more, cont):
             replies[k] = tok.decode(new_ids[k] + t, skip_special_tokens=True)
     probs: list[list[float]] = []
@@ -407,7 +404,7 @@ def find_baseline(args: argparse.Namespace, label: str, dataset: str, split: str
         base = {"path": "self", "outcomes": {r["id"]: (r["outcome"], r["outcome_broad"]) for r in records}}
     else:
         path = repo_path(args.baseline) if getattr(args, "baseline", None) else \
-            eval_paths(args.results_dir, label, INITIAL, dataset, split, basic_template(kind))[1]
+            eval_paths(args.results_dir, label, INITIAL, dataset, split, prompt_for(dataset, "basic"))[1]
         if not path.is_file():
             return {"path": str(path), "THS": None, "THS_broad": None,
                     "note": f"THS not computed: no initial BASIC summary at {path}; run evaluate.py --model <base> "
@@ -452,7 +449,7 @@ def run_eval(args: argparse.Namespace) -> list[dict[str, Any]]:
     # the prompt their refusal-aware data was built with.
     names = [t.strip() for item in (args.template or (["refuse"] if tuned else ["basic", "refuse"]))
              for t in item.split(",") if t.strip()]
-    pairs = [(ds, split, template_for(t, dataset_spec(ds).kind)) for ds, split in tests for t in names]
+    pairs = [(ds, split, template_for(t, ds)) for ds, split in tests for t in names]
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise KbError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if getattr(args, "baseline", None) and len(tests) > 1:

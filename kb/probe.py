@@ -42,7 +42,7 @@ from kb.locks import lock_output, rank_path
 from kb.metrics import near_chance
 from kb.models import LoadedModel, load_model, model_label
 from kb.paths import repo_path
-from kb.prompts import PromptFormat, letter_rule, render, resolve_chat
+from kb.prompts import PromptFormat, budget_for, letter_rule, render, resolve_chat
 from kb.provenance import make_meta, recorded_args, start_records
 from kb.records import ProbeMCQRecord, ProbeOpenRecord
 from kb.rtuning import METHODS, answer_entropy, build_instances
@@ -66,10 +66,13 @@ def _rng_for(seed: int, sid: str) -> np.random.Generator:
     return np.random.default_rng(int(hashlib.sha256(f"{seed}|{sid}".encode()).hexdigest()[:8], 16))
 
 
-def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str, max_new_tokens: int = 15,
+def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str, max_new_tokens: int | None = None,
               tag: str = "") -> dict[str, Any]:
-    """Probe one split; `tag` (e.g. a non-default template name) keeps differently-made files apart."""
+    """Probe one split; `tag` (e.g. a non-default template name) keeps differently-made files apart.
+    `max_new_tokens` (open answers): None for the dataset's registered probe budget."""
     spec = dataset_spec(dataset)
+    if max_new_tokens is None:
+        max_new_tokens = budget_for(dataset, "probe")
     methods = methods_from_arg(args.method)
     samples = subset(load_split(dataset, split, args.data_root), args.limit, args.seed)
     PromptFormat(template, args.shots).check()  # validate everything cheap before loading a model

@@ -28,7 +28,7 @@ from kb.io import write_json
 from kb.lmflow import make_dataset, to_text_only, write_dataset
 from kb.models import load_tokenizer, resolve_model
 from kb.paths import repo_path
-from kb.prompts import REFUSE_TEMPLATE, resolve_chat, training_instance, training_prompt
+from kb.prompts import prompt_for, resolve_chat, training_instance, training_prompt
 from kb.provenance import git_commit, package_versions
 from kb.statefile import (
     FlowRecord,
@@ -122,14 +122,14 @@ def select(method: str, states: Sequence[StateRecord], flows: dict[str, FlowReco
 
 
 def build_instances(sel: Selection, by_id: dict[str, StateRecord], tokenizer: Any, chat: bool,
-                    seed: int) -> tuple[list[dict[str, str]], list[tuple[str, str]]]:
+                    seed: int, dataset: str) -> tuple[list[dict[str, str]], list[tuple[str, str]]]:
     """LMFlow text2text instances: vanilla keeps the gold answer (MCQ: its letter), idk says "I don't know."."""
     order = sel.ordered(seed)
     out = []
     for rid, label in order:
         rec = by_id[rid]
         answer = rec["gold"] if label == "van" else IDK_ANSWER
-        out.append(training_instance(training_prompt(rec, tokenizer, chat), answer))
+        out.append(training_instance(training_prompt(rec, tokenizer, chat, dataset), answer))
     return out, order
 
 
@@ -188,13 +188,14 @@ def run_build(args: argparse.Namespace) -> dict[str, Any]:
     index, reps = load_reps(state)
     tok = load_tokenizer(state.meta["model"]["name"], args.trust_remote_code, state.meta["model"].get("revision"))
     chat = resolve_chat(args.chat_template, tok)
+    refuse = prompt_for(state.dataset, "refuse")  # the evaluation REFUSE prompt: training_prompt renders the same
     by_id = state.by_id
     flows = flow.by_id if flow else None
     name = state_path.name.removeprefix("state_").removesuffix(".jsonl")
     out_dir = state_path.parent
     common_meta = {"stage": "rait", "state": state_identity(state), "flow": None if flow is None else
                    {"file": flow.path.name, "rehearsed_fingerprint": (flow.meta.get("rehearsed_model") or {}).get("fingerprint")},
-                   "params": asdict(params), "training_prompt": {"template": REFUSE_TEMPLATE[kind], "shots": 0, "chat_template": chat},
+                   "params": asdict(params), "training_prompt": {"template": refuse, "shots": 0, "chat_template": chat},
                    "certainty": state.meta.get("cer_definition"), "idk_answer": IDK_ANSWER,
                    "packages": package_versions(), "git_commit": git_commit(), "args": vars(args)}
     built: list[tuple[Path, dict[str, Any]]] = []
@@ -202,7 +203,7 @@ def run_build(args: argparse.Namespace) -> dict[str, Any]:
                               "tau_sim": args.tau_sim, "params": asdict(params), "methods": {}}
     for method in methods:
         sel = select(method, state.records, flows, params)
-        inst, order = build_instances(sel, by_id, tok, chat, params.seed)
+        inst, order = build_instances(sel, by_id, tok, chat, params.seed, state.dataset)
         c = crss_report(index, reps, sel.van, sel.idk, args.tau_sim, sweep)
         entry = {"n_van": len(sel.van), "n_idk": len(sel.idk), "n_total": len(order), "pools": sel.pools,
                  "short_of_n_van": max(0, (params.n_van + (params.n_idk if method == "van" else 0)) - len(sel.van)),

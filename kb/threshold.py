@@ -19,9 +19,10 @@ from typing import Any
 from kb import metrics
 from kb.data import dataset_spec
 from kb.errors import KbError
-from kb.evaluate import INITIAL, basic_template, eval_paths, parse_tests, test_name, write_summary
+from kb.evaluate import INITIAL, eval_paths, parse_tests, test_name, write_summary
 from kb.io import read_json, write_json, write_jsonl
 from kb.paths import repo_path
+from kb.prompts import prompt_for
 from kb.records import judgement_path, read_eval_records
 
 METHOD = "threshold"
@@ -70,8 +71,8 @@ def relabel(records: Sequence[dict[str, Any]], t: float, test: str) -> list[dict
 
 
 def _initial_run(args: argparse.Namespace, label: str, dataset: str, split: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    kind = dataset_spec(dataset).kind
-    rec_path, sum_path, meta_path = eval_paths(args.results_dir, label, INITIAL, dataset, split, basic_template(kind))
+    rec_path, sum_path, meta_path = eval_paths(args.results_dir, label, INITIAL, dataset, split,
+                                               prompt_for(dataset, "basic"))
     if not rec_path.is_file() or not meta_path.is_file():
         raise KbError(f"{rec_path}: no BASIC evaluation of the initial model; run evaluate.py --model <M0> "
                       f"--template basic --test {dataset}:{split} first")
@@ -105,8 +106,7 @@ def run_threshold(args: argparse.Namespace) -> dict[str, Any]:
         if overlap:
             raise KbError(f"threshold baseline: {len(overlap)} questions of {ds}:{split} are also in the training "
                           f"split {args.train} (e.g. {sorted(overlap)[0]}); t must come from other questions")
-        kind = dataset_spec(ds).kind
-        template = basic_template(kind)
+        template = prompt_for(ds, "basic")
         rec_path, sum_path, meta_path = eval_paths(args.results_dir, label, METHOD, ds, split, template)
         meta = copy.deepcopy(meta0)
         meta["run_key"]["method"] = METHOD

@@ -141,7 +141,7 @@ def test_evaluation_replies_through_the_decoder_match_the_cpu_path(tiny_lm):
         dec = GreedyDecoder(tiny_lm.model, tok.pad_token_id, set(generation_stop_ids(tiny_lm.model, tok)))
         dec.fast = fast
         recs.append(_batch_records(tiny_lm, dec, scorer, [samples[i] for i in idx], [prompts[i] for i in idx],
-                                   [seqs[i] for i in idx], batch.prefix_len, cands, sure_ids, 6, chat, True))
+                                   [seqs[i] for i in idx], batch.prefix_len, cands, sure_ids, 6, 32, chat, True))
     for a, b in zip(*recs):
         assert a["reply"] == b["reply"] and a["pred"] == b["pred"]
         assert a["letter_probs"] == pytest.approx(b["letter_probs"], abs=1e-5)

@@ -77,11 +77,11 @@ def test_initial_run_writes_records_and_summaries(initial_results: Path, tiny_mo
 
 
 def test_rows_are_named_for_the_table() -> None:
-    assert row_name("initial", "mcq_basic", "mcq") == "initial"
-    assert row_name("initial", "mcq_refuse", "mcq") == "initial_refuse"
-    assert row_name("rtuning_unsure", "open_refuse", "open") == "rtuning_unsure"
-    assert row_name("rtuning_unsure", "mcq_basic", "mcq") == "rtuning_unsure_basic"
-    assert row_name("initial", "mcq_harness", "mcq") == "initial_mcq_harness"
+    assert row_name("initial", "mcq_basic", "mmlu") == "initial"
+    assert row_name("initial", "mcq_refuse", "mmlu") == "initial_refuse"
+    assert row_name("rtuning_unsure", "open_refuse", "pararel") == "rtuning_unsure"
+    assert row_name("rtuning_unsure", "mcq_basic", "mmlu") == "rtuning_unsure_basic"
+    assert row_name("initial", "mcq_harness", "mmlu") == "initial_mcq_harness"
 
 
 def test_rerun_resumes_from_records(initial_results: Path, tiny_model_dir: Path) -> None:

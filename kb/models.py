@@ -13,11 +13,13 @@ import importlib.util
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kb.errors import KbError
+from kb.gguf_tokenizer import conform_tokenizer, read_gguf_tokenizer_spec
 from kb.io import read_json, write_json
 from kb.paths import cache_dir, repo_path, slug
 
@@ -217,6 +219,15 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+# Bumped when the conversion changes what it writes; a cache dir stamped otherwise is converted again.
+CONVERSION_VERSION = "kb-gguf-conversion 2 (tokenizer conformed to the GGUF header)"
+
+
+def _conversion_stamp(out: Path) -> str | None:
+    stamp = out / ".complete"
+    return stamp.read_text().split("\n", 1)[0] if stamp.exists() else None
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF file into a plain float32 checkpoint dir (once; reused afterwards)."""
     import torch
@@ -224,12 +235,14 @@ def convert_gguf(gguf: Path) -> Path:
 
     digest = _file_digest(gguf)[:12]
     out = cache_dir() / "models" / f"{slug(gguf.name)}-{digest}"
-    if (out / "config.json").exists() and (out / ".complete").exists():
+    if (out / "config.json").exists() and _conversion_stamp(out) == CONVERSION_VERSION:
         make_portable(out)  # a cache written before the transformers-4 fields were added
         return out
     kwargs = {"gguf_file": gguf.name}
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    for fix in conform_tokenizer(tokenizer, read_gguf_tokenizer_spec(gguf), gguf):
+        print(f"{gguf.name}: tokenizer repaired from the GGUF header: {fix}", file=sys.stderr)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
     config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -247,14 +260,14 @@ def convert_gguf(gguf: Path) -> Path:
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     make_portable(tmp)
-    (tmp / ".complete").write_text(str(gguf))
-    if out.exists() and not (out / ".complete").exists():
+    (tmp / ".complete").write_text(f"{CONVERSION_VERSION}\n{gguf}\n")
+    if out.exists() and _conversion_stamp(out) != CONVERSION_VERSION:
         shutil.rmtree(out, ignore_errors=True)
     try:
         os.replace(tmp, out)
     except OSError:  # another process finished the same conversion first
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (out / ".complete").exists():
+        if _conversion_stamp(out) != CONVERSION_VERSION:
             raise
     return out
 

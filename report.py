@@ -7,7 +7,7 @@ results/report_files/. A stage that has not run yet appears as "missing: run ...
 
     python report.py                          # every model found
     python report.py --models smollm2-135m,gemma3-270m
-    python report.py --models smollm2-135m,gemma3-270m --report-dir results/example   # the committed example
+    python report.py --models smollm2-135m,gemma3-270m --report-dir results/example ...   # the committed example (see its README)
 """
 
 from __future__ import annotations

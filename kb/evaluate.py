@@ -29,7 +29,7 @@ import numpy as np
 from kb import bootstrap, metrics
 from kb.answers import classify_reply, cut_at_period, rtuning_answer_part, rtuning_verdict
 from kb.config import default_batch_size
-from kb.data import LETTERS, Sample, dataset_spec, display_name, load_split, should_abstain, subset
+from kb.data import LETTERS, Sample, dataset_spec, load_split, should_abstain, subset
 from kb.engine import (
     Batch,
     GreedyDecoder,
@@ -47,6 +47,7 @@ from kb.engine import (
 )
 from kb.errors import KbError
 from kb.io import read_json, write_json, write_jsonl
+from kb.layout import eval_paths, judged_path, results_dir, summary_records, test_name
 from kb.models import LoadedModel, load_model, read_base_info, resolve_model
 from kb.paths import repo_path, slug
 from kb.prompts import (
@@ -63,7 +64,7 @@ from kb.prompts import (
     templates,
 )
 from kb.provenance import make_meta, recorded_args, start_records
-from kb.records import EvalReplyMCQ, EvalReplyOpen, apply_judgements, judgement, judgement_path, read_eval_records
+from kb.records import EvalReplyMCQ, EvalReplyOpen, apply_judgements, judgement, read_eval_records
 
 INITIAL = metrics.INITIAL_ROW  # the initial model: its method folder, and its BASIC run's row
 # Test sets of the two tracks (docs/method.md section 8, R-Tuning's splits).
@@ -125,17 +126,6 @@ def eval_identity(model: str, adapter: str | None, method: str | None) -> tuple[
     return resolve_model(model)[1], method or INITIAL, False
 
 
-def test_name(dataset: str, split: str) -> str:
-    return f"{display_name(dataset)}_{split}"
-
-
-def eval_paths(results_dir: str | Path, label: str, method: str, dataset: str, split: str,
-               template: str) -> tuple[Path, Path, Path]:
-    """(records .jsonl, summary .json, meta .meta.json) under results/<label>/eval/<method>/."""
-    stem = repo_path(results_dir) / label / "eval" / method / f"{test_name(dataset, split)}_{template}"
-    return stem.with_suffix(".jsonl"), stem.with_suffix(".json"), stem.with_name(stem.name + ".meta.json")
-
-
 # ---------------------------------------------------------------- R-Tuning's expression
 
 
@@ -168,7 +158,7 @@ def evaluate_set(lm: LoadedModel, label: str, method: str, tuned: bool, dataset:
     extra = budget_for(dataset, "eval_extra")
     args.batch_size = default_batch_size(args.batch_size, lm.device)  # before the meta records it
     row = row_name(method, template, dataset)
-    rec_path, sum_path, meta_path = eval_paths(args.results_dir, label, method, dataset, split, template)
+    rec_path, sum_path, meta_path = eval_paths(results_dir(args.results_dir, label), method, test_name(dataset, split), template)
 
     prompts = [render(s, fmt, [], tok) for s in samples]
     seqs = encode(tok, prompts, chat)
@@ -220,8 +210,8 @@ def write_summary(args: argparse.Namespace, meta: dict[str, Any], records: list[
     summary.update(model=label, method=key["method"], row=row, tuned=meta["tuned"], dataset=dataset, split=split,
                    test_set=test_name(dataset, split), template=key["prompt"]["template"], prompt=key["prompt"],
                    max_new_tokens=key["max_new_tokens"], records=rec_path.name)
-    if judgement_path(rec_path).is_file():
-        summary["judgements"] = judgement_path(rec_path).name
+    if judged_path(rec_path).is_file():
+        summary["judgements"] = judged_path(rec_path).name
     baseline = find_baseline(args, label, dataset, split, kind, meta, records, row, summary)
     summary["baseline"] = baseline
     summary["THS"] = _round(baseline.get("THS"))
@@ -256,7 +246,7 @@ def reclassify_set(args: argparse.Namespace, label: str, method: str, dataset: s
                    template: str) -> dict[str, Any]:
     """--reclassify: re-judge one finished run's stored replies into the judgement file beside them (the
     replies file is never rewritten) and rewrite the summary."""
-    rec_path, sum_path, meta_path = eval_paths(args.results_dir, label, method, dataset, split, template)
+    rec_path, sum_path, meta_path = eval_paths(results_dir(args.results_dir, label), method, test_name(dataset, split), template)
     if not rec_path.is_file() or not meta_path.is_file():
         raise KbError(f"{rec_path}: no records to reclassify (run the evaluation first)")
     meta = read_json(meta_path)
@@ -264,7 +254,7 @@ def reclassify_set(args: argparse.Namespace, label: str, method: str, dataset: s
     if len(records) != (meta.get("questions") or {}).get("n"):
         raise KbError(f"{rec_path}: {len(records)} records for {meta['questions']['n']} questions; finish the run first")
     records = reclassify(records)
-    write_jsonl(judgement_path(rec_path), [judgement(r) for r in records])
+    write_jsonl(judged_path(rec_path), [judgement(r) for r in records])
     return write_summary(args, meta, records, rec_path, sum_path)
 
 
@@ -404,7 +394,7 @@ def find_baseline(args: argparse.Namespace, label: str, dataset: str, split: str
         base = {"path": "self", "outcomes": {r["id"]: (r["outcome"], r["outcome_broad"]) for r in records}}
     else:
         path = repo_path(args.baseline) if getattr(args, "baseline", None) else \
-            eval_paths(args.results_dir, label, INITIAL, dataset, split, prompt_for(dataset, "basic"))[1]
+            eval_paths(results_dir(args.results_dir, label), INITIAL, test_name(dataset, split), prompt_for(dataset, "basic"))[1]
         if not path.is_file():
             return {"path": str(path), "THS": None, "THS_broad": None,
                     "note": f"THS not computed: no initial BASIC summary at {path}; run evaluate.py --model <base> "
@@ -427,7 +417,7 @@ def find_baseline(args: argparse.Namespace, label: str, dataset: str, split: str
 
 def baseline_outcomes(path: Path, base: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
     """The baseline run's (strict, broad) outcome per question id, when it has every question of `records`."""
-    rec_path = path.with_name(base.get("records") or path.with_suffix(".jsonl").name)
+    rec_path = summary_records(path, base)
     ids = [r["id"] for r in records]
     if rec_path.is_file():
         by_id = {r["id"]: (r["outcome"], r["outcome_broad"]) for r in read_eval_records(rec_path)}

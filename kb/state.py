@@ -42,6 +42,7 @@ from kb.engine import (
 )
 from kb.errors import KbError
 from kb.io import write_json
+from kb.layout import DEFAULT_SHOTS, meta_path, reps_paths, source_name, state_records, state_summary, stem_of
 from kb.locks import lock_output, rank_path
 from kb.metrics import near_chance
 from kb.models import LoadedModel, weights_fingerprint
@@ -58,19 +59,7 @@ from kb.prompts import (
     templates,
 )
 from kb.provenance import check_resumable, make_meta
-from kb.statefile import (
-    DEFAULT_SHOTS,
-    StateFile,
-    agreement,
-    load_npy,
-    load_reps,
-    load_state,
-    mean_pairwise_cosine,
-    meta_path,
-    neg_entropy,
-    reps_paths,
-    source_name,
-)
+from kb.statefile import StateFile, agreement, load_npy, load_reps, load_state, mean_pairwise_cosine, neg_entropy
 
 # The default template is the dataset's `query` role in kb/registry.yaml (kb.prompts.prompt_for): open
 # answers through a chat template get their shots as earlier user/assistant turns of `open_short`.
@@ -259,11 +248,12 @@ class StateRun:
     wall_s: float
 
 
-def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res_dir: Path, stem: str, *,
+def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res_dir: Path, name: str, *,
                     restart: bool = False, max_batch_tokens: int | None = None,
                     extra_meta: dict[str, Any] | None = None, dist: Dist | None = None,
                     data_root: str | Path | None = None) -> StateRun | None:
-    """Query (or resume querying) the state of every question; returns the validated state file.
+    """Query (or resume querying) the state of every question into out_dir's state file of set `name`
+    (kb.layout.state_records; its summary into res_dir); returns the validated state file.
 
     Under torchrun / accelerate launch (`dist`, kb/distributed.py) every rank takes a share of the batches,
     writes its rows of the one representation file and its own record shard; rank 0 merges the shards into
@@ -288,7 +278,7 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
     if kind == "open":
         embedder_path = resolve_embedder_name(settings.embedder)
         embedder, embedder_fp = load_embedder(embedder_path, lm.device)
-    rec_path = out_dir / f"{stem}.jsonl"
+    rec_path = state_records(out_dir, name)
     mpath = meta_path(rec_path)
     npy, side = reps_paths(rec_path)
     hidden = int(lm.model.get_input_embeddings().embedding_dim)
@@ -347,7 +337,7 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
         reps.flush()  # representations first: a record on disk always has its row
         return recs
 
-    done = run_batches(rec_path, [s.id for s in samples], seqs, batches, work, desc=f"state {stem}", dist=dist,
+    done = run_batches(rec_path, [s.id for s in samples], seqs, batches, work, desc=f"state {stem_of(rec_path)}", dist=dist,
                        restart=fresh)  # every row is flushed before its record is written
     if done is None:
         return None  # not rank 0: rank 0 validates and summarises the merged file
@@ -355,7 +345,7 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
     load_reps(state)  # every row computed and finite
     wall = time.perf_counter() - t0
     summary = summarise(state, lm, fmt, wall)
-    write_json(res_dir / f"{stem}.json", {**summary, "meta": {k: v for k, v in meta.items() if k != "question_ids"}})
+    write_json(state_summary(res_dir, name), {**summary, "meta": {k: v for k, v in meta.items() if k != "question_ids"}})
     print(summary["line"])
     if summary.get("note"):
         print("  note:", summary["note"])
@@ -402,7 +392,7 @@ def summarise(state: StateFile, lm: LoadedModel, fmt: PromptFormat, wall_s: floa
     n = len(recs)
     cor = np.array([r["cor"] for r in recs])
     cer = np.array([r["cer"] for r in recs])
-    name = state.path.name.removesuffix(".jsonl")
+    name = stem_of(state.path)
     out: dict[str, Any] = {"name": name, "model": lm.label, "n": n, "kind": state.kind, "prompt": fmt.describe(),
                            "mean_cor": round(float(cor.mean()), 6), "mean_cer": round(float(cer.mean()), 6),
                            "n_known_mu_ge_0.5": int((cor >= 0.5).sum()),

@@ -1,7 +1,11 @@
-"""kb/layout.py names every file a stage writes: the names (unchanged from before it existed) and their inverses."""
+"""kb/layout.py names every file a stage writes: the names (unchanged from before it existed), their inverses,
+its command line, and the launchers' dry runs, whose every file name must be the one the helper gives."""
 
 from __future__ import annotations
 
+import os
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -97,3 +101,98 @@ def test_listings_find_what_the_namers_name(tmp_path):
     assert layout.rait_files(folder) == [made[4]]
     assert layout.eval_record_files(folder) == [ev[0]]
     assert layout.eval_summary_files(tmp_path) == [ev[1]]
+
+
+def _cli(capsys, *argv: str) -> list[str]:
+    assert layout.main(list(argv)) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_command_line_prints_the_helpers_names(capsys):
+    m = ["--model", "Qwen/Qwen-7B"]
+    assert _cli(capsys, "label", *m) == ["Qwen-7B"]
+    assert _cli(capsys, "runs-dir", *m) == ["models/Qwen-7B"]
+    assert _cli(capsys, "test-name", "--test", "pararel:ID_test", "--test", "mmlu:OOD_test") == ["ParaRel_ID_test", "MMLU_OOD_test"]
+    assert _cli(capsys, "source-name", "--dataset", "mmlu", "--split", "ID_train") == ["MMLU_ID_train_5shot"]
+    assert _cli(capsys, "rtuning-set", *m, "--dataset", "pararel", "--split", "ID_train", "--tag", "open_refuse",
+                "--method", "unsure,unknown", "--text2text") == \
+        [f"training_data/Qwen-7B/rtuning_{x}_ParaRel_ID_train_open_refuse_text2text.json" for x in ("unsure", "unknown")]
+    assert _cli(capsys, "rait-set", *m, "--dataset", "mmlu", "--split", "ID_train", "--method", "van") == \
+        ["training_data/Qwen-7B/rait_van_MMLU_ID_train_5shot.json"]
+    assert _cli(capsys, "state", *m, "--dataset", "pararel", "--split", "ID_train") == \
+        ["training_data/Qwen-7B/state_ParaRel_ID_train_3shot.jsonl"]
+    assert _cli(capsys, "eval", *m, "--method", "craft", "--test", "pararel:ID_test", "--template", "open_refuse") == \
+        ["results/Qwen-7B/eval/craft/ParaRel_ID_test_open_refuse.jsonl", "results/Qwen-7B/eval/craft/ParaRel_ID_test_open_refuse.json"]
+    assert _cli(capsys, "tuned-dir", *m, "--method", "van,craft", "--source", "open", "--seed", "0", "--seed", "1") == \
+        ["models/Qwen-7B/van_open_seed0", "models/Qwen-7B/van_open_seed1", "models/Qwen-7B/craft_open_seed0",
+         "models/Qwen-7B/craft_open_seed1"]
+    assert _cli(capsys, "seeded", "--method", "craft") == ["craft"]
+    assert _cli(capsys, "finetune-log", *m, "--method", "craft", "--seed", "3") == ["models/Qwen-7B/log_craft_seed3.txt"]
+    assert _cli(capsys, "table", *m, "--abstention") == ["results/Qwen-7B/table_abstention.md"]
+    assert _cli(capsys, "report") == ["results/report.md", "results/report.html"]
+
+
+def test_command_line_errors_are_one_line(capsys):
+    assert layout.main(["probe-name", "--dataset", "mmlu", "--split", "ID_train"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "shots" in err
+
+
+def _dry(script: str, **env: str) -> list[list[str]]:
+    out = subprocess.run(["bash", script, "--dry-run"], cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+                         env={**os.environ, **env}, timeout=120)
+    lines = [line for line in out.stdout.splitlines() if line.split(" ", 1)[0].endswith(("python", "python3"))]
+    return [shlex.split(line) for line in lines]
+
+
+def _flag(cmd: list[str], flag: str) -> str:
+    return cmd[cmd.index(flag) + 1]
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(REPO_ROOT).as_posix()
+
+
+@pytest.mark.parametrize("track, seeds", [("open", ""), ("mcq", ""), ("open", "0 2")])
+def test_demo_dry_run_names_are_the_helpers(track, seeds):
+    """Every training file, output dir, method name and test-set name demo.sh prints is kb.layout's: the R-Tuning
+    data is named from the probe command that writes it, the RAIT sets from the state query's source set."""
+    cmds = _dry("scripts/demo.sh", TRACK=track, SEEDS=seeds)
+    label, dataset = "smollm2-135m", {"open": "pararel", "mcq": "mmlu"}[track]
+    data = layout.data_dir(layout.TRAINING_DATA, label)
+    probe = [c for c in cmds if c[1] in ("run_ParaRel.py", "run_MMLU.py") and "--template" in c]
+    assert len(probe) == 1
+    rt_name = layout.probe_name(dataset, "ID_train", int(_flag(probe[0], "--shots")) if "--shots" in probe[0] else None,
+                                _flag(probe[0], "--template"))
+    expected_train = {f"rtuning_{m}": layout.rtuning_set(data, m, rt_name, True) for m in ("unsure", "unknown")}
+    state = [c for c in cmds if c[1] == "query_state.py"][0]
+    source = layout.source_name(_flag(state, "--dataset"), _flag(state, "--split"), None)
+    expected_train |= {m: layout.rait_set(data, m, source, True) for m in ("van", "cor_rait", "corcer_rait", "craft_wo_cer", "craft")}
+    seed_list = seeds.split() or [None]
+    tunes = [c for c in cmds if c[1] == "finetune.py"]
+    assert len(tunes) == len(expected_train) * len(seed_list)
+    evaluated = {_flag(c, "--model"): _flag(c, "--method") for c in cmds if c[1] == "evaluate.py" and "--method" in c}
+    for cmd, (method, seed) in zip(tunes, [(m, s) for m in expected_train for s in seed_list]):
+        assert _flag(cmd, "--train-file") == _rel(expected_train[method])
+        out = _flag(cmd, "--output-dir")
+        assert out == _rel(layout.tuned_dir(label, method, track, seed))
+        assert evaluated[out] == layout.seeded(method, seed)
+    table = [c for c in cmds if c[1] == "results_table.py" and "--test-set" in c][0]
+    assert [table[i + 1] for i, t in enumerate(table) if t == "--test-set"] == \
+        [layout.test_name(dataset, s) for s in ("ID_test", "OOD_test")]
+
+
+def test_pipeline_dry_run_names_are_the_helpers():
+    cmds = _dry("scripts/run_smollm2_135m.sh")
+    label = "smollm2-135m"
+    data = layout.data_dir(layout.TRAINING_DATA, label)
+    shots = int(_flag([c for c in cmds if c[1] == "run_MMLU.py"][0], "--shots"))
+    expected = [(layout.rtuning_set(data, "unsure", layout.probe_name(ds, "ID_train", shots), False),
+                 layout.tuned_dir(label, "rtuning_unsure", layout.probe_name(ds, "ID_train", shots))) for ds in ("mmlu", "pararel")]
+    for ds in ("mmlu", "pararel"):
+        source = layout.source_name(ds, "ID_train", None)
+        expected += [(layout.rait_set(data, m, source, True), layout.tuned_dir(label, m, source))
+                     for m in ("van", "cor_rait", "corcer_rait", "craft_wo_cer", "craft")]
+    tunes = [(_flag(c, "--train-file"), _flag(c, "--output-dir")) for c in cmds if c[1] == "finetune.py"]
+    assert tunes == [(_rel(a), _rel(b)) for a, b in expected]
+    assert {_flag(c, "--model") for c in cmds if c[1] == "evaluate.py"} - {"smollm2-135m"} == {_rel(b) for _, b in expected}

@@ -23,7 +23,7 @@ from kb.config import add_common_args, parse_with_config
 from kb.errors import KbError, cli_main
 from kb.finetune import finetune
 from kb.io import read_json
-from kb.layout import default_tuned_dir, finetune_results, results_dir
+from kb.layout import default_tuned_dir, finetune_results, results_dir, wrote
 from kb.lmflow import finish_lmflow, prepare_lmflow
 from kb.models import resolve_model
 from kb.paths import repo_path
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     for file in ("loss.json", "loss.png", META_FILE):
         shutil.copyfile(out / file, res / file)
     print(summary_line(out))
+    wrote(res)
 
 
 if __name__ == "__main__":

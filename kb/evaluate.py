@@ -47,7 +47,7 @@ from kb.engine import (
 )
 from kb.errors import KbError
 from kb.io import read_json, write_json, write_jsonl
-from kb.layout import eval_paths, judged_path, results_dir, summary_records, test_name
+from kb.layout import eval_paths, judged_path, meta_path, results_dir, summary_records, test_name, wrote
 from kb.models import LoadedModel, load_model, read_base_info, resolve_model
 from kb.paths import repo_path, slug
 from kb.prompts import (
@@ -226,6 +226,8 @@ def write_summary(args: argparse.Namespace, meta: dict[str, Any], records: list[
         print("  " + abstention_line(summary["suite"]))
     if baseline.get("note") and not dataset_spec(dataset).options.get("abstain_groups"):  # no THS on abstention sets
         print("  note:", baseline["note"])
+    wrote(rec_path, *(p for p in (meta_path(rec_path), judged_path(rec_path)) if p.is_file()))
+    wrote(sum_path)
     return summary
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from kb.data import dataset_spec, display_name
 from kb.errors import KbError
-from kb.paths import REPO_ROOT, repo_path, slug
+from kb.paths import REPO_ROOT, repo_path, shown_path, slug
 
 TRAINING_DATA, RESULTS, MODELS = "training_data", "results", "models"  # the stages' default roots
 DEFAULT_SHOTS = {"mcq": 5, "open": 3}  # CRaFT's state query: 5-shot MMLU, 3-shot open QA (in every <name>)
@@ -290,6 +290,16 @@ def report_paths(report_dir: Path) -> tuple[Path, Path]:
 
 def figure_path(report_dir: Path, name: str) -> Path:
     return report_dir / REPORT_FILES / f"{name}.png"
+
+
+# ---------------------------------------------------------------- what a stage says it wrote
+
+
+def wrote(path: Path, *beside: Path) -> None:
+    """The one line a stage prints per output it wrote: `-> <path>` (repo-relative when inside the repo), the
+    files written beside it named by what they add to its name (`-> .../state_X.jsonl (+ .meta.json)`)."""
+    extra = f" (+ {', '.join(p.name.removeprefix(stem_of(path)) for p in beside)})" if beside else ""
+    print(f"-> {shown_path(path)}{extra}")
 
 
 # ---------------------------------------------------------------- command line (the shell launchers)

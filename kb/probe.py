@@ -37,7 +37,7 @@ from kb.engine import (
 )
 from kb.errors import KbError
 from kb.io import write_json
-from kb.layout import data_dir, probe_meta, probe_name, probe_records, probe_summary, results_dir, rtuning_set
+from kb.layout import data_dir, probe_meta, probe_name, probe_records, probe_summary, results_dir, rtuning_set, wrote
 from kb.lmflow import make_dataset, to_text_only, write_dataset
 from kb.locks import lock_output, rank_path
 from kb.metrics import near_chance
@@ -138,10 +138,14 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
             write_dataset(path, make_dataset(kind, rows, {"method": method, "source": rec_path.name, **meta}))
             written.append(str(path))
     summary = summarise(records, spec.kind, name, lm, fmt, written)
-    write_json(probe_summary(res_dir, name), {**summary, "meta": meta})
+    sum_path = write_json(probe_summary(res_dir, name), {**summary, "meta": meta})
     print(summary["line"])
     if summary.get("note"):
         print("  note:", summary["note"])
+    wrote(rec_path, meta_path)
+    for path in written:
+        wrote(Path(path))
+    wrote(sum_path)
     return summary
 
 

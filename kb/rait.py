@@ -25,7 +25,7 @@ from typing import Any
 from kb.crss import crss_report
 from kb.errors import KbError
 from kb.io import write_json
-from kb.layout import crss_summary, data_dir, flow_records, name_of, rait_set, results_dir, source_name, state_records
+from kb.layout import crss_summary, data_dir, flow_records, name_of, rait_set, results_dir, source_name, state_records, wrote
 from kb.lmflow import make_dataset, to_text_only, write_dataset
 from kb.models import load_tokenizer, resolve_model
 from kb.paths import repo_path
@@ -231,7 +231,9 @@ def run_build(args: argparse.Namespace) -> dict[str, Any]:
     for method, entry in report["methods"].items():
         if entry.get("note") and method != "van":  # Van-Tuning has no idk set by design
             print(f"  note: {method}: {entry['note']}")
-    print(f"wrote {len(built)} training files to {out_dir} and {out}")
+    for path, _ in built:
+        wrote(path)
+    wrote(out)
     return report
 
 

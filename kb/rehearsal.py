@@ -37,6 +37,7 @@ from kb.layout import (
     results_dir,
     source_name,
     state_records,
+    wrote,
 )
 from kb.lmflow import make_dataset, write_dataset
 from kb.locks import lock_output
@@ -157,6 +158,7 @@ def run_rehearsal(args: argparse.Namespace) -> dict[str, Any]:
     tuned = finetune(train_file, recipe, m0["name"], tuned_dir, recipe_name=recipe_name, resume=not args.restart,
                      trust_remote_code=args.trust_remote_code, revision=args.revision or m0.get("revision"))
     train_s = time.perf_counter() - t0
+    wrote(tuned)
 
     lm1 = load_model(str(tuned), args.device, args.dtype, None, args.trust_remote_code)  # base revision: kb_base_model.json
     if lm1.fingerprint == m0["fingerprint"]:
@@ -182,11 +184,13 @@ def run_rehearsal(args: argparse.Namespace) -> dict[str, Any]:
     write_jsonl(flow_path, flows)
     write_json(meta_path(flow_path), meta)
     summary = summarise_flow(state, flows, selection, train_s, run1.wall_s)
-    write_json(flow_summary(res_dir, name), {**summary, "rehearsal_rule": rule.describe(), "relaxed": rule.relaxed,
+    sum_path = write_json(flow_summary(res_dir, name), {**summary, "rehearsal_rule": rule.describe(), "relaxed": rule.relaxed,
                                                "rehearsed_model": meta["rehearsed_model"], "state": meta["state"]})
     print(summary["line"])
     if summary.get("note"):
         print("  note:", summary["note"])
+    wrote(flow_path, meta_path(flow_path))
+    wrote(sum_path)
     return summary
 
 

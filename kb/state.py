@@ -42,7 +42,7 @@ from kb.engine import (
 )
 from kb.errors import KbError
 from kb.io import write_json
-from kb.layout import DEFAULT_SHOTS, meta_path, reps_paths, source_name, state_records, state_summary, stem_of
+from kb.layout import DEFAULT_SHOTS, meta_path, reps_paths, source_name, state_records, state_summary, stem_of, wrote
 from kb.locks import lock_output, rank_path
 from kb.metrics import near_chance
 from kb.models import LoadedModel, weights_fingerprint
@@ -345,10 +345,12 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
     load_reps(state)  # every row computed and finite
     wall = time.perf_counter() - t0
     summary = summarise(state, lm, fmt, wall)
-    write_json(state_summary(res_dir, name), {**summary, "meta": {k: v for k, v in meta.items() if k != "question_ids"}})
+    sum_path = write_json(state_summary(res_dir, name), {**summary, "meta": {k: v for k, v in meta.items() if k != "question_ids"}})
     print(summary["line"])
     if summary.get("note"):
         print("  note:", summary["note"])
+    wrote(rec_path, mpath, npy, side)
+    wrote(sum_path)
     return StateRun(state, summary, wall)
 
 

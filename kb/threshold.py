@@ -21,7 +21,7 @@ from kb.data import dataset_spec
 from kb.errors import KbError
 from kb.evaluate import INITIAL, parse_tests, write_summary
 from kb.io import read_json, write_json, write_jsonl
-from kb.layout import eval_paths, judged_path, results_dir, test_name, threshold_summary
+from kb.layout import eval_paths, judged_path, results_dir, test_name, threshold_summary, wrote
 from kb.prompts import prompt_for
 from kb.records import read_eval_records
 
@@ -120,5 +120,5 @@ def run_threshold(args: argparse.Namespace) -> dict[str, Any]:
         write_json(meta_path, meta)
         summaries.append(write_summary(args, meta, recs, rec_path, sum_path))
     out = {"model": label, "method": METHOD, **chosen, "train": args.train, "tests": [f"{d}:{s}" for d, s in tests]}
-    write_json(threshold_summary(results_dir(args.results_dir, label), test_name(train_ds, train_split)), out)
+    wrote(write_json(threshold_summary(results_dir(args.results_dir, label), test_name(train_ds, train_split)), out))
     return out

@@ -29,7 +29,8 @@ from kb.locks import lock_output, rank_path
 from kb.models import load_model, model_label
 from kb.prompts import kind_budget
 from kb.provenance import recorded_args
-from kb.state import check_query_args, run_state_query, settings_from_args
+from kb.state import run_state_query
+from kb.state_settings import check_query_args, settings_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:

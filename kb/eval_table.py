@@ -17,6 +17,7 @@ from typing import Any
 from kb import bootstrap, layout, metrics
 from kb.data import abstention_datasets
 from kb.errors import KbError
+from kb.eval_summary import suite_summary
 from kb.io import read_json, write_text
 from kb.metrics import INITIAL_ROW
 from kb.paths import repo_path
@@ -267,8 +268,6 @@ def _suite(s: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The summary's metric suite, recomputed from its records when the summary predates it."""
     if "suite" in s:
         return s["suite"]
-    from kb.evaluate import suite_summary
-
     return suite_summary(read_eval_records(layout.summary_records(Path(s["_path"]), s)), s["dataset"])
 
 

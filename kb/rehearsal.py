@@ -46,6 +46,7 @@ from kb.paths import repo_path
 from kb.prompts import prompt_for, resolve_chat, training_instance, training_prompt
 from kb.provenance import git_commit, package_versions
 from kb.recipe import load_recipe, parse_overrides
+from kb.state_settings import QuerySettings
 from kb.statefile import StateFile, StateRecord, flow_record, ids_digest, load_state, state_identity
 
 MCQ_MIN_COR = 0.99  # strict: p(gold) > 0.99
@@ -121,7 +122,7 @@ def locate_state(args: argparse.Namespace, label: str) -> Path:
 
 def run_rehearsal(args: argparse.Namespace) -> dict[str, Any]:
     """Select -> write the rehearsal set -> fine-tune M0 -> query M~ -> write the flow. Resumable throughout."""
-    from kb.state import QuerySettings, run_state_query  # the query engine (torch) loads only when a run starts
+    from kb.state import run_state_query  # the query engine (torch) loads only when a run starts
 
     _, label, _ = resolve_model(args.model)
     state_path = locate_state(args, label)

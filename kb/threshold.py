@@ -19,7 +19,7 @@ from typing import Any
 from kb import metrics
 from kb.data import dataset_spec
 from kb.errors import KbError
-from kb.evaluate import INITIAL, parse_tests, write_summary
+from kb.eval_summary import INITIAL, parse_tests, write_summary
 from kb.io import read_json, write_json, write_jsonl
 from kb.layout import eval_paths, judged_path, results_dir, test_name, threshold_summary, wrote
 from kb.prompts import prompt_for

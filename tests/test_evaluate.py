@@ -12,7 +12,8 @@ from types import ModuleType
 import pytest
 
 from kb.engine import GreedyDecoder, continuation_logprobs, generation_stop_ids
-from kb.evaluate import _needs_more, row_name
+from kb.eval_summary import row_name
+from kb.evaluate import _needs_more
 from kb.paths import REPO_ROOT
 from kb.records import read_eval_records
 

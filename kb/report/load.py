@@ -156,7 +156,7 @@ def recompute_crss(model_dir: Path, rait: dict[str, dict[str, dict[str, Any]]], 
 class EvalSet:
     """Evaluation records of one (method, test set) of one model, re-judged verdicts applied."""
 
-    method: str  # the table row (evaluate.row_name)
+    method: str  # the table row (eval_summary.row_name)
     test_set: str
     records: list[EvalRecord]
     path: Path

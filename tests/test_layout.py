@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from kb import layout
+from kb.layout import cli as layout_cli
 from kb.paths import REPO_ROOT
 
 D = Path("/x/training_data/m")
@@ -104,7 +105,7 @@ def test_listings_find_what_the_namers_name(tmp_path):
 
 
 def _cli(capsys, *argv: str) -> list[str]:
-    assert layout.main(list(argv)) == 0
+    assert layout_cli.main(list(argv)) == 0
     return capsys.readouterr().out.splitlines()
 
 
@@ -133,7 +134,7 @@ def test_command_line_prints_the_helpers_names(capsys):
 
 
 def test_command_line_errors_are_one_line(capsys):
-    assert layout.main(["probe-name", "--dataset", "mmlu", "--split", "ID_train"]) == 2
+    assert layout_cli.main(["probe-name", "--dataset", "mmlu", "--split", "ID_train"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "shots" in err
 

@@ -186,7 +186,7 @@ def run_rehearsal(args: argparse.Namespace) -> dict[str, Any]:
     write_json(meta_path(flow_path), meta)
     summary = summarise_flow(state, flows, selection, train_s, run1.wall_s)
     sum_path = write_json(flow_summary(res_dir, name), {**summary, "rehearsal_rule": rule.describe(), "relaxed": rule.relaxed,
-                                               "rehearsed_model": meta["rehearsed_model"], "state": meta["state"]})
+                                                        "rehearsed_model": meta["rehearsed_model"], "state": meta["state"]})
     print(summary["line"])
     if summary.get("note"):
         print("  note:", summary["note"])

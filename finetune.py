@@ -23,11 +23,12 @@ from kb.config import add_common_args, parse_with_config
 from kb.errors import KbError, cli_main
 from kb.finetune import finetune
 from kb.io import read_json
+from kb.layout import default_tuned_dir, finetune_results, results_dir, wrote
 from kb.lmflow import finish_lmflow, prepare_lmflow
 from kb.models import resolve_model
 from kb.paths import repo_path
 from kb.recipe import describe_recipe, load_recipe, parse_overrides
-from kb.tuned import default_output_dir, summary_line
+from kb.tuned import META_FILE, summary_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,10 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_size is not None:
         overrides["per_device_train_batch_size"] = args.batch_size
     recipe, name = load_recipe(args.recipe, overrides, args.seed)  # a bad recipe fails before anything loads
-    out = repo_path(args.output_dir) if args.output_dir else default_output_dir(
+    out = repo_path(args.output_dir) if args.output_dir else default_tuned_dir(
         resolve_model(args.model)[1], name, args.train_file)
     if args.lmflow == "finish":
-        meta = read_json(finish_lmflow(out, recipe, name) / "kb_finetune.json")
+        meta = read_json(finish_lmflow(out, recipe, name) / META_FILE)
         print(f"LMFlow run: {meta['steps']} steps, loss {meta['first_loss']} -> {meta['last_loss']}, "
               f"{meta['train_wall_s']} s -> {out}")
         return
@@ -71,11 +72,12 @@ def main(argv: list[str] | None = None) -> None:
     out = finetune(args.train_file, recipe, args.model, out, recipe_name=name, resume=not args.restart,
                    trust_remote_code=args.trust_remote_code, revision=args.revision)
     label = resolve_model(args.model)[1]
-    res = repo_path(args.results_dir or "results") / label / "finetune" / out.name
+    res = finetune_results(results_dir(args.results_dir or "results", label), out)
     res.mkdir(parents=True, exist_ok=True)
-    for file in ("loss.json", "loss.png", "kb_finetune.json"):
+    for file in ("loss.json", "loss.png", META_FILE):
         shutil.copyfile(out / file, res / file)
     print(summary_line(out))
+    wrote(res)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,13 @@ import argparse
 from kb.config import add_common_args, default_batch_size, parse_with_config
 from kb.distributed import setup as setup_dist
 from kb.errors import cli_main
+from kb.layout import data_dir, results_dir, source_name, state_records
 from kb.locks import lock_output, rank_path
 from kb.models import load_model, model_label
-from kb.paths import repo_path
 from kb.prompts import kind_budget
 from kb.provenance import recorded_args
-from kb.state import check_query_args, run_state_query, settings_from_args
-from kb.statefile import source_name
+from kb.state import run_state_query
+from kb.state_settings import check_query_args, settings_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,15 +61,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_with_config(build_parser(), argv)
     check_query_args(args)
     # One writer per state file: a second run stops here, before it loads the model.
-    lock_output(rank_path(repo_path(args.output_dir) / model_label(args.model, args.adapter)
-                          / f"state_{source_name(args.dataset, args.split, args.shots)}.jsonl"))
+    lock_output(rank_path(state_records(data_dir(args.output_dir, model_label(args.model, args.adapter)),
+                                        source_name(args.dataset, args.split, args.shots))))
     dist = setup_dist()  # torchrun / accelerate launch: one rank per GPU, see kb/distributed.py
     lm = load_model(args.model, dist.device(args.device), args.dtype, args.adapter, args.trust_remote_code,
                     revision=args.revision)
     args.batch_size = default_batch_size(args.batch_size, lm.device)
     settings = settings_from_args(args, lm.tokenizer)
-    run_state_query(settings, lm, repo_path(args.output_dir) / lm.label, repo_path(args.results_dir) / lm.label,
-                    f"state_{settings.name()}", restart=args.restart, max_batch_tokens=args.max_batch_tokens,
+    run_state_query(settings, lm, data_dir(args.output_dir, lm.label), results_dir(args.results_dir, lm.label),
+                    settings.name(), restart=args.restart, max_batch_tokens=args.max_batch_tokens,
                     extra_meta={"args": recorded_args(args)}, dist=dist, data_root=args.data_root)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 from kb.errors import cli_main
+from kb.layout import wrote
 from kb.paths import repo_path
 from kb.report import build_report, parse_models, write_report
 
@@ -36,9 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     rep = build_report(repo_path(args.output_dir), repo_path(args.results_dir), parse_models(args.models),
                        repo_path(args.report_dir) if args.report_dir else None)
     md, html = write_report(rep, args.title)
-    print(f"wrote {md} and {html} ({len(rep.figures)} figures; {len(rep.missing)} missing stage(s))")
+    print(f"report: {len(rep.figures)} figures; {len(rep.missing)} missing stage(s)")
     for line in rep.missing:
         print("  missing:", line)
+    for path in (md, html, *{f.parent for f in rep.figures}):  # the figures: one folder of PNGs
+        wrote(path)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import argparse
 from kb.config import parse_with_config
 from kb.errors import cli_main
 from kb.eval_table import build_abstention_table, build_table
+from kb.layout import results_dir, table_path, wrote
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,11 +38,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.abstention:
         for model, text in build_abstention_table(args.results_dir, args.model).items():
             print(text)
-            print(f"-> {args.results_dir}/{model}/table_abstention.md\n")
+            wrote(table_path(results_dir(args.results_dir, model), abstention=True))
+            print()
         return
     for model, text in build_table(args.results_dir, args.model, test_sets=args.test_set).items():
         print(text)
-        print(f"-> {args.results_dir}/{model}/table_rtuning.md\n")
+        wrote(table_path(results_dir(args.results_dir, model)))
+        print()
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kb import bootstrap, metrics
+from kb import bootstrap, layout, metrics
 from kb.data import abstention_datasets
 from kb.errors import KbError
+from kb.eval_summary import suite_summary
 from kb.io import read_json, write_text
 from kb.metrics import INITIAL_ROW
 from kb.paths import repo_path
@@ -30,9 +31,7 @@ def load_summaries(results_dir: str | Path, models: Sequence[str] | None = None)
     """Every evaluation summary under results/<model>/eval/ (optionally only `models`)."""
     root = repo_path(results_dir)
     out = []
-    for path in sorted(root.glob("*/eval/*/*.json")):
-        if path.name.endswith(".meta.json"):
-            continue
+    for path in layout.eval_summary_files(root):
         s = read_json(path)
         if not isinstance(s, dict) or "Pc" not in s or "row" not in s:
             continue  # not an evaluate.py summary
@@ -154,7 +153,7 @@ DIFF_COLUMNS = ("test set", "comparison", "n", "ΔPc", "ΔW", "ΔPr", "ΔTHS")
 
 def _records(s: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The per-question records beside a summary (none when they were not kept: no paired rows then)."""
-    path = Path(s["_path"]).with_name(s.get("records") or Path(s["_path"]).with_suffix(".jsonl").name)
+    path = layout.summary_records(Path(s["_path"]), s)
     return {r["id"]: r for r in read_eval_records(path)} if path.is_file() else {}
 
 
@@ -245,7 +244,7 @@ def build_table(results_dir: str | Path = "results", models: Sequence[str] | Non
         if diffs:
             text += "\n## Paired differences\n\n" + differences_markdown(diffs) + "\n" + DIFF_NOTES + "\n"
         if write:
-            write_text(repo_path(results_dir) / model / "table_rtuning.md", text)
+            write_text(layout.table_path(layout.results_dir(results_dir, model)), text)
         out[model] = text
     return out
 
@@ -269,10 +268,7 @@ def _suite(s: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The summary's metric suite, recomputed from its records when the summary predates it."""
     if "suite" in s:
         return s["suite"]
-    from kb.evaluate import suite_summary
-
-    rec = Path(s["_path"]).with_name(s.get("records") or Path(s["_path"]).with_suffix(".jsonl").name)
-    return suite_summary(read_eval_records(rec), s["dataset"])
+    return suite_summary(read_eval_records(layout.summary_records(Path(s["_path"]), s)), s["dataset"])
 
 
 def abstention_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -307,6 +303,6 @@ def build_abstention_table(results_dir: str | Path = "results", models: Sequence
         lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
         text = f"# Abstention: {model}\n\n" + "\n".join(lines) + "\n\n" + ABSTENTION_NOTES + "\n"
         if write:
-            write_text(repo_path(results_dir) / model / "table_abstention.md", text)
+            write_text(layout.table_path(layout.results_dir(results_dir, model), abstention=True), text)
         out[model] = text
     return out

@@ -14,7 +14,6 @@ for the seed-mean. The spread across seeds (training noise) is reported beside i
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +25,10 @@ from kb import bootstrap
 from kb.data import abstention_datasets
 from kb.errors import KbError
 from kb.eval_table import load_summaries
+from kb.layout import split_seed, summary_records
 from kb.paths import repo_path
 from kb.records import read_eval_records
 
-SEED_RE = re.compile(r"^(?P<method>.+)_seed(?P<seed>\d+)$")
 INITIAL, INITIAL_REFUSE, THRESHOLD = "initial", "initial_refuse", "threshold"
 REFUSED = bootstrap.OUTCOME_CODE["refused"]
 
@@ -72,8 +71,7 @@ class Group:
 
 def split_method(row: str) -> tuple[str, int | None]:
     """'craft_seed2' -> ('craft', 2); rows without a seed suffix -> (row, None)."""
-    m = SEED_RE.match(row)
-    return (m["method"], int(m["seed"])) if m else (row, None)
+    return split_seed(row)
 
 
 def _summaries(results_dir: str | Path, models: Sequence[str] | None) -> list[dict[str, Any]]:
@@ -88,7 +86,7 @@ def load_groups(results_dir: str | Path, models: Sequence[str] | None = None) ->
     """Every evaluated run under results/<model>/eval/, grouped by (model, test set, method)."""
     groups: dict[tuple[str, str, str], Group] = {}
     for s in _summaries(results_dir, models):
-        path = Path(s["_path"]).with_name(s.get("records") or Path(s["_path"]).with_suffix(".jsonl").name)
+        path = summary_records(Path(s["_path"]), s)
         if not path.is_file():
             continue
         records = read_eval_records(path)  # validated, with any re-judged verdicts laid over the replies
@@ -368,12 +366,12 @@ def study_markdown(results_dir: str | Path, models: Sequence[str], test_sets: Se
 def seeded_test_sets(results_dir: str | Path, models: Sequence[str]) -> list[str]:
     """The non-abstention test sets on which some run carries a seed suffix (the study's test sets)."""
     return sorted({s["test_set"] for s in _summaries(results_dir, models)
-                   if SEED_RE.match(s["row"]) and not _is_abstention(s["test_set"])})
+                   if split_seed(s["row"])[1] is not None and not _is_abstention(s["test_set"])})
 
 
 def has_seeds(results_dir: str | Path, models: Sequence[str]) -> bool:
     """Whether any run of these models was repeated over seeds (then the report opens with the answers)."""
-    return any(SEED_RE.match(s["row"]) for s in _summaries(results_dir, models))
+    return any(split_seed(s["row"])[1] is not None for s in _summaries(results_dir, models))
 
 
 def forest_figure(result: dict[str, Any]) -> Any:

@@ -23,24 +23,19 @@ import time
 from pathlib import Path
 
 from kb.errors import KbError
+from kb.layout import lock_path, shard_path
 
 _HELD: dict[str, tuple[int, Path | None]] = {}  # lock file -> (open fd, the first folder made for it)
 
 
-def lock_path(path: Path) -> Path:
-    """The lock file of an output (file or dir): its name minus `.jsonl`, plus `.lock`, in the same folder."""
-    path = Path(path)
-    return path.with_name(path.name.replace(".jsonl", "") + ".lock")
-
-
 def rank_path(path: Path) -> Path:
     """What this process writes for `path` in a torchrun/accelerate launch: rank 0 the file, rank r its shard
-    (kb.engine.driver.shard_path's name, computed here from the environment so no torch import is needed)."""
+    (kb.engine.driver.shard_path's, computed here from the environment so no torch import is needed)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world <= 1 or rank == 0:
         return Path(path)
-    return Path(path).with_name(f"{Path(path).name}.shard-{rank}-of-{world}")
+    return shard_path(Path(path), rank, world)
 
 
 def _holder(lock: Path) -> str:

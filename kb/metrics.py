@@ -49,7 +49,7 @@ def ths_of_rates(method: dict[str, float], initial: dict[str, float]) -> float |
                initial["Pc"], initial["Pw"] + initial.get("P_fail", 0.0))
 
 
-INITIAL_ROW = "initial"  # THS's reference row: the initial model's BASIC run of the same test set (evaluate.row_name)
+INITIAL_ROW = "initial"  # THS's reference row: the initial model's BASIC run of the same test set (eval_summary.row_name)
 
 
 def is_initial_row(row: str) -> bool:

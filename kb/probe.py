@@ -18,7 +18,7 @@ import numpy as np
 
 from kb.answers import cut_at_period, open_correct
 from kb.config import default_batch_size
-from kb.data import LETTERS, Sample, dataset_spec, display_name, load_split, shots_for, subset
+from kb.data import LETTERS, Sample, dataset_spec, load_split, shots_for, subset
 from kb.distributed import setup as setup_dist
 from kb.engine import (
     Batch,
@@ -37,11 +37,11 @@ from kb.engine import (
 )
 from kb.errors import KbError
 from kb.io import write_json
+from kb.layout import data_dir, probe_meta, probe_name, probe_records, probe_summary, results_dir, rtuning_set, wrote
 from kb.lmflow import make_dataset, to_text_only, write_dataset
 from kb.locks import lock_output, rank_path
 from kb.metrics import near_chance
 from kb.models import LoadedModel, load_model, model_label
-from kb.paths import repo_path
 from kb.prompts import PromptFormat, budget_for, letter_rule, render, resolve_chat
 from kb.provenance import make_meta, recorded_args, start_records
 from kb.records import ProbeMCQRecord, ProbeOpenRecord
@@ -77,9 +77,9 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
     samples = subset(load_split(dataset, split, args.data_root), args.limit, args.seed)
     PromptFormat(template, args.shots).check()  # validate everything cheap before loading a model
     shots = {g: shots_for(dataset, args.shots, g, args.data_root) for g in dict.fromkeys(s.group for s in samples)}
-    name = f"{display_name(dataset)}_{split}" + (f"_{args.shots}shot" if spec.kind == "mcq" else "") + (f"_{tag}" if tag else "")
+    name = probe_name(dataset, split, args.shots, tag)
     # One writer per record file: a second run stops here, before it spends minutes loading the model.
-    lock_output(rank_path(repo_path(args.output_dir) / model_label(args.model, args.adapter) / f"probe_{name}.jsonl"))
+    lock_output(rank_path(probe_records(data_dir(args.output_dir, model_label(args.model, args.adapter)), name)))
     dist = setup_dist()  # torchrun / accelerate launch: one rank per GPU, see kb/distributed.py
     lm = load_model(args.model, dist.device(args.device), args.dtype, args.adapter, args.trust_remote_code,
                     revision=args.revision)
@@ -90,10 +90,10 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
     prompts = {s.id: render(s, fmt, shots[s.group], tok) for s in samples}
     seqs = encode(tok, [prompts[s.id] for s in samples], chat)
 
-    out_dir = repo_path(args.output_dir) / lm.label
-    res_dir = repo_path(args.results_dir) / lm.label
-    rec_path = out_dir / f"probe_{name}.jsonl"
-    meta_path = out_dir / f"probe_{name}.meta.json"
+    out_dir = data_dir(args.output_dir, lm.label)
+    res_dir = results_dir(args.results_dir, lm.label)
+    rec_path = probe_records(out_dir, name)
+    meta_path = probe_meta(out_dir, name)
     sample_uncertain = "uncertain" in methods
     rule = letter_rule(fmt) if spec.kind == "mcq" else None
     run_key = {"dataset": spec.name, "split": split, "prompt": fmt.describe(), "limit": args.limit, "seed": args.seed,
@@ -134,15 +134,18 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
     for method in methods:
         inst = build_instances(method, records, prompts)
         for kind, rows in (("text2text", inst), ("text_only", to_text_only(inst))):
-            suffix = "" if kind == "text_only" else "_text2text"
-            path = out_dir / f"rtuning_{method}_{name}{suffix}.json"
+            path = rtuning_set(out_dir, method, name, kind == "text2text")
             write_dataset(path, make_dataset(kind, rows, {"method": method, "source": rec_path.name, **meta}))
             written.append(str(path))
     summary = summarise(records, spec.kind, name, lm, fmt, written)
-    write_json(res_dir / f"probe_{name}.json", {**summary, "meta": meta})
+    sum_path = write_json(probe_summary(res_dir, name), {**summary, "meta": meta})
     print(summary["line"])
     if summary.get("note"):
         print("  note:", summary["note"])
+    wrote(rec_path, meta_path)
+    for path in written:
+        wrote(Path(path))
+    wrote(sum_path)
     return summary
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from kb.data import Sample
 from kb.errors import KbError
 from kb.io import read_json
+from kb.layout import judged_path
 from kb.paths import REPO_ROOT
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "numpy")
@@ -99,11 +100,10 @@ def start_records(rec_path: Path, meta_path: Path, meta: dict[str, Any], restart
     their meta is missing (they cannot be trusted to match), then write this run's meta."""
     from kb.io import write_json
     from kb.locks import lock_output, rank_path
-    from kb.records import judgement_path
 
     lock_output(rank_path(rec_path))  # before anything is read or written: one run per record file
     check_resumable(meta_path, meta, restart)
     if restart or (rec_path.exists() and not meta_path.exists()):
         rec_path.unlink(missing_ok=True)
-        judgement_path(rec_path).unlink(missing_ok=True)  # evaluate.py --reclassify's verdicts of those records
+        judged_path(rec_path).unlink(missing_ok=True)  # evaluate.py --reclassify's verdicts of those records
     write_json(meta_path, meta)

@@ -25,6 +25,7 @@ from typing import Any
 from kb.crss import crss_report
 from kb.errors import KbError
 from kb.io import write_json
+from kb.layout import crss_summary, data_dir, flow_records, name_of, rait_set, results_dir, source_name, state_records, wrote
 from kb.lmflow import make_dataset, to_text_only, write_dataset
 from kb.models import load_tokenizer, resolve_model
 from kb.paths import repo_path
@@ -37,7 +38,6 @@ from kb.statefile import (
     load_flow,
     load_reps,
     load_state,
-    source_name,
     state_identity,
 )
 
@@ -140,9 +140,9 @@ def build_instances(sel: Selection, by_id: dict[str, StateRecord], tokenizer: An
 def state_and_flow_paths(args: argparse.Namespace, label: str) -> tuple[Path, Path]:
     """--state / --flow, or the files query_state.py and rehearsal_finetune.py wrote for these flags."""
     name = source_name(args.dataset, args.split, args.shots)
-    base = repo_path(args.output_dir) / label
-    state = repo_path(args.state) if args.state else base / f"state_{name}.jsonl"
-    flow = repo_path(args.flow) if args.flow else base / f"flow_{name}.jsonl"
+    base = data_dir(args.output_dir, label)
+    state = repo_path(args.state) if args.state else state_records(base, name)
+    flow = repo_path(args.flow) if args.flow else flow_records(base, name)
     return state, flow
 
 
@@ -191,7 +191,7 @@ def run_build(args: argparse.Namespace) -> dict[str, Any]:
     refuse = prompt_for(state.dataset, "refuse")  # the evaluation REFUSE prompt: training_prompt renders the same
     by_id = state.by_id
     flows = flow.by_id if flow else None
-    name = state_path.name.removeprefix("state_").removesuffix(".jsonl")
+    name = name_of(state_path, "state")
     out_dir = state_path.parent
     common_meta = {"stage": "rait", "state": state_identity(state), "flow": None if flow is None else
                    {"file": flow.path.name, "rehearsed_fingerprint": (flow.meta.get("rehearsed_model") or {}).get("fingerprint")},
@@ -220,19 +220,20 @@ def run_build(args: argparse.Namespace) -> dict[str, Any]:
         meta = {**common_meta, "method": method, "instance_ids": [i for i, _ in order], "instance_labels": [x for _, x in order],
                 "crss": c["crss"], "crss_tau_sim": args.tau_sim}
         for fmt_kind, rows in (("text2text", inst), ("text_only", to_text_only(inst))):
-            suffix = "_text2text" if fmt_kind == "text2text" else ""
-            built.append((out_dir / f"rait_{method}_{name}{suffix}.json", make_dataset(fmt_kind, rows, meta)))
+            built.append((rait_set(out_dir, method, name, fmt_kind == "text2text"), make_dataset(fmt_kind, rows, meta)))
         report["methods"][method] = entry
     for path, data in built:
         write_dataset(path, data)
     report["training_files"] = [p.name for p, _ in built]
     report["inputs"] = {"state": str(state_path), "flow": None if flow is None else str(flow_path)}
-    out = write_json(repo_path(args.results_dir) / label / f"crss_{name}.json", report)
+    out = write_json(crss_summary(results_dir(args.results_dir, label), name), report)
     print(format_table(report))
     for method, entry in report["methods"].items():
         if entry.get("note") and method != "van":  # Van-Tuning has no idk set by design
             print(f"  note: {method}: {entry['note']}")
-    print(f"wrote {len(built)} training files to {out_dir} and {out}")
+    for path, _ in built:
+        wrote(path)
+    wrote(out)
     return report
 
 

@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal, NotRequired, TypedDict, Union, get_a
 
 from kb.errors import data_error
 from kb.io import iter_jsonl
+from kb.layout import judged_path
 
 
 @dataclass(frozen=True)
@@ -262,15 +263,6 @@ def read_eval_records(path: str | Path) -> list[EvalRecord]:
 # ------------------------------------------------------------------------------------- judgements
 
 
-def judgement_path(records_path: Path) -> Path:
-    """The judgement file beside a records file: <TEST>_<template>.judged.jsonl."""
-    return records_path.with_name(records_path.name.removesuffix(".jsonl") + ".judged.jsonl")
-
-
-def is_judgement_file(path: Path) -> bool:
-    return path.name.endswith(".judged.jsonl")
-
-
 def judgement(rec: Mapping[str, Any]) -> JudgementRecord:
     """The re-judged fields of one (re-classified) record, written to the judgement file."""
     out = JudgementRecord(id=rec["id"], reply=rec["reply"], rtuning_verdict=rec["rtuning_verdict"], outcome=rec["outcome"],
@@ -283,7 +275,7 @@ def judgement(rec: Mapping[str, Any]) -> JudgementRecord:
 def apply_judgements(records_path: Path, records: list[Any]) -> list[Any]:
     """`records` with the judged fields replaced where the judgement file beside them judged that very reply
     (a judgement of another reply, e.g. from before a --restart, does not apply). Key order is kept."""
-    jpath = judgement_path(records_path)
+    jpath = judged_path(records_path)
     if not jpath.is_file():
         return records
     judged = {j["id"]: j for j in _read(jpath, {"mcq": JudgementRecord, "open": JudgementRecord})}

@@ -25,6 +25,20 @@ from kb.answers import normalise
 from kb.errors import KbError
 from kb.finetune import finetune
 from kb.io import write_json, write_jsonl
+from kb.layout import (
+    data_dir,
+    default_tuned_dir,
+    flow_records,
+    flow_summary,
+    meta_path,
+    name_of,
+    rehearsal_set,
+    rehearsed,
+    results_dir,
+    source_name,
+    state_records,
+    wrote,
+)
 from kb.lmflow import make_dataset, write_dataset
 from kb.locks import lock_output
 from kb.models import load_model, load_tokenizer, resolve_model
@@ -32,8 +46,8 @@ from kb.paths import repo_path
 from kb.prompts import prompt_for, resolve_chat, training_instance, training_prompt
 from kb.provenance import git_commit, package_versions
 from kb.recipe import load_recipe, parse_overrides
-from kb.statefile import StateFile, StateRecord, flow_record, ids_digest, load_state, meta_path, source_name, state_identity
-from kb.tuned import default_output_dir
+from kb.state_settings import QuerySettings
+from kb.statefile import StateFile, StateRecord, flow_record, ids_digest, load_state, state_identity
 
 MCQ_MIN_COR = 0.99  # strict: p(gold) > 0.99
 OPEN_MIN_COR = 0.995  # Cor >= 0.995 and Cer >= 0.995
@@ -101,13 +115,14 @@ def select_rehearsal(records: list[StateRecord], rule: RehearsalRule, max_n: int
 
 
 def locate_state(args: argparse.Namespace, label: str) -> Path:
-    name = source_name(args.dataset, args.split, args.shots)
-    return repo_path(args.state) if args.state else repo_path(args.output_dir) / label / f"state_{name}.jsonl"
+    if args.state:
+        return repo_path(args.state)
+    return state_records(data_dir(args.output_dir, label), source_name(args.dataset, args.split, args.shots))
 
 
 def run_rehearsal(args: argparse.Namespace) -> dict[str, Any]:
     """Select -> write the rehearsal set -> fine-tune M0 -> query M~ -> write the flow. Resumable throughout."""
-    from kb.state import QuerySettings, run_state_query  # the query engine (torch) loads only when a run starts
+    from kb.state import run_state_query  # the query engine (torch) loads only when a run starts
 
     _, label, _ = resolve_model(args.model)
     state_path = locate_state(args, label)
@@ -122,9 +137,9 @@ def run_rehearsal(args: argparse.Namespace) -> dict[str, Any]:
     chat = resolve_chat(args.chat_template, tok)
     recipe_path = args.recipe or RECIPES[kind]
     recipe, recipe_name = load_recipe(recipe_path, parse_overrides(args.recipe_set, "--recipe-set"))  # fails before writing
-    name = state_path.name.removeprefix("state_").removesuffix(".jsonl")
+    name = name_of(state_path, "state")
     out_dir = state_path.parent
-    lock_output(out_dir / f"flow_{name}.jsonl")  # one rehearsal run per flow file, before anything is written
+    lock_output(flow_records(out_dir, name))  # one rehearsal run per flow file, before anything is written
     selection = {"rule": rule.describe(), "relaxed": rule.relaxed, "paper_rule": rehearsal_rule(kind).describe(),
                  "n_eligible": sum(rule.admits(r) for r in state.records), "n": len(chosen), "max_n": args.n_rehearsal,
                  "seed": args.seed, "ids": [r["id"] for r, _ in chosen], "answers": [a for _, a in chosen],
@@ -132,25 +147,26 @@ def run_rehearsal(args: argparse.Namespace) -> dict[str, Any]:
     if rule.relaxed:
         print(f"note: rehearsal rule relaxed to {rule.describe()} (paper: {selection['paper_rule']}); recorded in the outputs")
     inst = [training_instance(training_prompt(r, tok, chat, state.dataset), a) for r, a in chosen]
-    train_file = out_dir / f"rehearsal_{name}.json"
+    train_file = rehearsal_set(out_dir, name)
     write_dataset(train_file, make_dataset("text2text", inst, {
         "stage": "rehearsal", "state": state_identity(state), "selection": selection,
         "training_prompt": {"template": prompt_for(state.dataset, "refuse"), "shots": 0, "chat_template": chat}}))
     print(f"rehearsal set: {len(chosen)} questions ({rule.describe()}) -> {train_file}"
           + (f"; the recipe trains on the first {selection['n_trained']}" if selection["n_trained"] < len(chosen) else ""))
 
-    tuned_dir = repo_path(args.tuned_dir) if args.tuned_dir else default_output_dir(label, recipe_name, train_file)
+    tuned_dir = repo_path(args.tuned_dir) if args.tuned_dir else default_tuned_dir(label, recipe_name, train_file)
     t0 = time.perf_counter()
     tuned = finetune(train_file, recipe, m0["name"], tuned_dir, recipe_name=recipe_name, resume=not args.restart,
                      trust_remote_code=args.trust_remote_code, revision=args.revision or m0.get("revision"))
     train_s = time.perf_counter() - t0
+    wrote(tuned)
 
     lm1 = load_model(str(tuned), args.device, args.dtype, None, args.trust_remote_code)  # base revision: kb_base_model.json
     if lm1.fingerprint == m0["fingerprint"]:
         raise KbError(f"{tuned}: the rehearsed model has M0's weights; the fine-tune changed nothing")
     settings = QuerySettings.from_meta(state.meta)
-    res_dir = repo_path(args.results_dir) / label
-    run1 = run_state_query(settings, lm1, out_dir, res_dir, f"state_{name}_rehearsed", restart=args.restart,
+    res_dir = results_dir(args.results_dir, label)
+    run1 = run_state_query(settings, lm1, out_dir, res_dir, rehearsed(name), restart=args.restart,
                            max_batch_tokens=args.max_batch_tokens, extra_meta={"rehearsal_of": state_identity(state)},
                            data_root=args.data_root)
     assert run1 is not None  # one process: the rehearsed query is not sharded
@@ -158,7 +174,7 @@ def run_rehearsal(args: argparse.Namespace) -> dict[str, Any]:
     if after.meta["questions"] != state.meta["questions"]:
         raise KbError(f"{after.path}: queried other questions than {state_path}; rerun with --restart")
     flows = [flow_record(r["id"], r, after.by_id[r["id"]]) for r in state.records]
-    flow_path = out_dir / f"flow_{name}.jsonl"
+    flow_path = flow_records(out_dir, name)
     meta = {"stage": "flow", "state": state_identity(state), "model": m0,
             "rehearsed_model": {"dir": str(tuned), "fingerprint": lm1.fingerprint, "recipe": recipe_path,
                                 "train_file": train_file.name, "train_wall_s": round(train_s, 1)},
@@ -169,11 +185,13 @@ def run_rehearsal(args: argparse.Namespace) -> dict[str, Any]:
     write_jsonl(flow_path, flows)
     write_json(meta_path(flow_path), meta)
     summary = summarise_flow(state, flows, selection, train_s, run1.wall_s)
-    write_json(res_dir / f"flow_{name}.json", {**summary, "rehearsal_rule": rule.describe(), "relaxed": rule.relaxed,
-                                               "rehearsed_model": meta["rehearsed_model"], "state": meta["state"]})
+    sum_path = write_json(flow_summary(res_dir, name), {**summary, "rehearsal_rule": rule.describe(), "relaxed": rule.relaxed,
+                                                        "rehearsed_model": meta["rehearsed_model"], "state": meta["state"]})
     print(summary["line"])
     if summary.get("note"):
         print("  note:", summary["note"])
+    wrote(flow_path, meta_path(flow_path))
+    wrote(sum_path)
     return summary
 
 
@@ -182,7 +200,7 @@ def summarise_flow(state: StateFile, flows: list[dict[str, Any]], selection: dic
     d_mu = np.array([f["d_mu"] for f in flows])
     d_sigma = np.array([f["d_sigma"] for f in flows])
     unknown = np.array([f["cor0"] < tau_mu for f in flows])
-    out = {"name": state.path.name.removeprefix("state_").removesuffix(".jsonl"), "n": len(flows),
+    out = {"name": name_of(state.path, "state"), "n": len(flows),
            "n_rehearsal": selection["n"], "mean_d_mu": round(float(d_mu.mean()), 6),
            "mean_d_sigma": round(float(d_sigma.mean()), 6),
            "d_mu_sign": {"neg": int((d_mu < 0).sum()), "zero": int((d_mu == 0).sum()), "pos": int((d_mu > 0).sum())},

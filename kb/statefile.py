@@ -6,7 +6,7 @@ naming file, row and field) and refuses to join a flow file to a state file it w
 
 This module needs only numpy, so build_rait.py does not pay for importing torch.
 
-Files, per model and source set (`<name>` = e.g. MMLU_ID_train_5shot):
+Files, per model and source set (`<name>` = e.g. MMLU_ID_train_5shot; kb/layout.py names them):
   state_<name>.jsonl (+ .meta.json)  one StateRecord per question (records in computation order)
   state_<name>.reps.npy              question representations [n, hidden] (float16 by default)
   state_<name>.reps.json             {"ids": [...] row order, "layer", "token", "dtype", "shape"}
@@ -28,6 +28,7 @@ import numpy as np
 
 from kb.errors import KbError, data_error
 from kb.io import iter_jsonl, read_json
+from kb.layout import meta_path, reps_paths
 
 # ----------------------------------------------------------------------------------------------------
 # The formulas (docs/method.md section 4)
@@ -175,26 +176,6 @@ def flow_record(rid: str, before: StateRecord, after: StateRecord) -> FlowRecord
 
 # ----------------------------------------------------------------------------------------------------
 # Files
-
-
-DEFAULT_SHOTS = {"mcq": 5, "open": 3}  # CRaFT: 5-shot MMLU, 3-shot open QA
-
-
-def source_name(dataset: str, split: str, shots: int | None) -> str:
-    """The `<name>` in state_/flow_/rait_/crss_ file names: <Dataset>_<split>_<k>shot."""
-    from kb.data import dataset_spec, display_name
-
-    k = DEFAULT_SHOTS[dataset_spec(dataset).kind] if shots is None else shots
-    return f"{display_name(dataset)}_{split}_{k}shot"
-
-
-def meta_path(records_path: Path) -> Path:
-    return records_path.with_name(records_path.name.removesuffix(".jsonl") + ".meta.json")
-
-
-def reps_paths(records_path: Path) -> tuple[Path, Path]:
-    stem = records_path.name.removesuffix(".jsonl")
-    return records_path.with_name(stem + ".reps.npy"), records_path.with_name(stem + ".reps.json")
 
 
 def ids_digest(ids: Sequence[str]) -> str:

@@ -19,11 +19,11 @@ from typing import Any
 from kb import metrics
 from kb.data import dataset_spec
 from kb.errors import KbError
-from kb.evaluate import INITIAL, eval_paths, parse_tests, test_name, write_summary
+from kb.eval_summary import INITIAL, parse_tests, write_summary
 from kb.io import read_json, write_json, write_jsonl
-from kb.paths import repo_path
+from kb.layout import eval_paths, judged_path, results_dir, test_name, threshold_summary, wrote
 from kb.prompts import prompt_for
-from kb.records import judgement_path, read_eval_records
+from kb.records import read_eval_records
 
 METHOD = "threshold"
 
@@ -71,7 +71,7 @@ def relabel(records: Sequence[dict[str, Any]], t: float, test: str) -> list[dict
 
 
 def _initial_run(args: argparse.Namespace, label: str, dataset: str, split: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    rec_path, sum_path, meta_path = eval_paths(args.results_dir, label, INITIAL, dataset, split,
+    rec_path, sum_path, meta_path = eval_paths(results_dir(args.results_dir, label), INITIAL, test_name(dataset, split),
                                                prompt_for(dataset, "basic"))
     if not rec_path.is_file() or not meta_path.is_file():
         raise KbError(f"{rec_path}: no BASIC evaluation of the initial model; run evaluate.py --model <M0> "
@@ -107,17 +107,18 @@ def run_threshold(args: argparse.Namespace) -> dict[str, Any]:
             raise KbError(f"threshold baseline: {len(overlap)} questions of {ds}:{split} are also in the training "
                           f"split {args.train} (e.g. {sorted(overlap)[0]}); t must come from other questions")
         template = prompt_for(ds, "basic")
-        rec_path, sum_path, meta_path = eval_paths(args.results_dir, label, METHOD, ds, split, template)
+        res = results_dir(args.results_dir, label)
+        rec_path, sum_path, meta_path = eval_paths(res, METHOD, test_name(ds, split), template)
         meta = copy.deepcopy(meta0)
         meta["run_key"]["method"] = METHOD
         meta.update(row=METHOD, tuned=False, threshold={**chosen, "train": args.train, "confidence": "answer_conf",
-                                                         "initial_records": str(eval_paths(args.results_dir, label, INITIAL,
-                                                                                           ds, split, template)[0])})
+                                                         "initial_records": str(eval_paths(res, INITIAL, test_name(ds, split),
+                                                                                           template)[0])})
         recs = relabel(records, t, test_name(ds, split))
         write_jsonl(rec_path, recs)
-        judgement_path(rec_path).unlink(missing_ok=True)  # verdicts of earlier records would override the threshold's
+        judged_path(rec_path).unlink(missing_ok=True)  # verdicts of earlier records would override the threshold's
         write_json(meta_path, meta)
         summaries.append(write_summary(args, meta, recs, rec_path, sum_path))
     out = {"model": label, "method": METHOD, **chosen, "train": args.train, "tests": [f"{d}:{s}" for d, s in tests]}
-    write_json(repo_path(args.results_dir) / label / f"threshold_{test_name(train_ds, train_split)}.json", out)
+    wrote(write_json(threshold_summary(results_dir(args.results_dir, label), test_name(train_ds, train_split)), out))
     return out

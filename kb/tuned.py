@@ -17,7 +17,7 @@ import yaml
 
 from kb.io import read_json, write_text
 from kb.models import OFFLINE_MODELS
-from kb.paths import repo_path, slug
+from kb.paths import repo_path
 from kb.recipe import Recipe
 
 META_FILE = "kb_finetune.json"
@@ -30,11 +30,6 @@ def base_model_ref(name: str) -> str:
         return name
     path = repo_path(name)
     return str(path.resolve()) if path.exists() else name
-
-
-def default_output_dir(model_label: str, recipe_name: str, train_file: str | Path) -> Path:
-    """models/<model>/<recipe>__<training file stem>: one dir per (base, recipe, data)."""
-    return repo_path("models") / model_label / f"{slug(recipe_name)}__{slug(Path(train_file).stem)}"
 
 
 def write_recipe_yaml(path: Path, recipe: Recipe, comment: str) -> Path:

@@ -55,18 +55,45 @@ read -r -a SEED_LIST <<< "${SEEDS:-}"
 JOBS=${JOBS:-1}
 read -r -a MF <<< "${MODEL_FLAGS:-}"
 read -r -a EF <<< "${EVAL_FLAGS:-}"
+# The R-Tuning data is probed 0-shot under the REFUSE prompt: run_*.py --template RT_TEMPLATE, since the
+# probe scripts' default is the registry's `probe` role (another prompt); the files' names carry the template.
 case "$TRACK" in
-  open) SOURCE_NAME=ParaRel_ID_train_3shot RT_NAME=ParaRel_ID_train_open_refuse
-        TESTS=(--test pararel:ID_test --test pararel:OOD_test) TRAIN_TEST=pararel:ID_train
-        TABLE=(--test-set ParaRel_ID_test --test-set ParaRel_OOD_test) ;;
-  mcq) SOURCE_NAME=MMLU_ID_train_5shot RT_NAME=MMLU_ID_train_0shot_mcq_refuse
-       TESTS=(--test mmlu:ID_test --test mmlu:OOD_test) TRAIN_TEST=mmlu:ID_train
-       TABLE=(--test-set MMLU_ID_test --test-set MMLU_OOD_test) ;;
+  open) DATASET=pararel RT_TEMPLATE=open_refuse
+        TESTS=(--test pararel:ID_test --test pararel:OOD_test) TRAIN_TEST=pararel:ID_train ;;
+  mcq) DATASET=mmlu RT_TEMPLATE=mcq_refuse
+       TESTS=(--test mmlu:ID_test --test mmlu:OOD_test) TRAIN_TEST=mmlu:ID_train ;;
   *) echo "error: TRACK must be open or mcq, not $TRACK" >&2; exit 2 ;;
 esac
 ABSTAIN=(--test selfaware:test --test falseqa:test)
-if ((DRY)); then LABEL=$MODEL; else
-  LABEL=$($PY -c 'import sys; from kb.paths import slug; print(slug(sys.argv[1]))' "$MODEL"); fi
+# Every file and folder name comes from kb/layout.py, the stages' own naming (a dry run asks it too; no
+# model loads). lines VAR KIND ARGS...: the names one request prints, one per array element.
+NAMES_PY=$PY
+if ((DRY)) && [[ ! -x $PY ]]; then NAMES_PY=python3; fi
+names() { "$NAMES_PY" -m kb.layout "$@"; }
+lines() { local -n _lines=$1; shift; local text; text=$(names "$@"); mapfile -t _lines <<< "$text"; }
+LABEL=$(names label --model "$MODEL")
+RUNS=$(names runs-dir --model "$MODEL")
+lines TEST_NAMES test-name "${TESTS[@]}"
+TABLE=(); for t in "${TEST_NAMES[@]}"; do TABLE+=(--test-set "$t"); done
+lines RT_FILES rtuning-set --model "$MODEL" --dataset "$DATASET" --split ID_train --shots 0 --tag "$RT_TEMPLATE" \
+  --method unsure,unknown --text2text
+RAIT_METHODS=(van cor_rait corcer_rait craft_wo_cer craft)
+lines RAIT_FILES rait-set --model "$MODEL" --dataset "$DATASET" --split ID_train --method "$(IFS=,; echo "${RAIT_METHODS[*]}")" \
+  --text2text
+# Per final fine-tune (method x seed): its output dir, the method name its evaluations are filed under, its log.
+TUNED=(rtuning_unsure rtuning_unknown "${RAIT_METHODS[@]}")
+SEED_FLAGS=(); for s in "${SEED_LIST[@]}"; do SEED_FLAGS+=(--seed "$s"); done
+tuned=$(IFS=,; echo "${TUNED[*]}")
+lines T_DIRS tuned-dir --model "$MODEL" --method "$tuned" --source "$TRACK" "${SEED_FLAGS[@]}"
+lines T_ROWS seeded --method "$tuned" "${SEED_FLAGS[@]}"
+lines T_LOGS finetune-log --model "$MODEL" --method "$tuned" "${SEED_FLAGS[@]}"
+declare -A OUT ROW LOG
+k=0
+for m in "${TUNED[@]}"; do
+  for s in "${SEED_LIST[@]:-}"; do OUT[$m.$s]=${T_DIRS[k]} ROW[$m.$s]=${T_ROWS[k]} LOG[$m.$s]=${T_LOGS[k]}; k=$((k + 1)); done
+done
+TABLE_FILE=$(names table --model "$MODEL")
+lines REPORT_FILES report
 start=$(date +%s)
 stamp() { echo; echo "[demo $(( $(date +%s) - start ))s] $*"; }
 run() {
@@ -79,9 +106,9 @@ evaluate() { run $PY evaluate.py "$@" "${MF[@]}" "${EF[@]}" "${TESTS[@]}" --limi
 # One final fine-tune and its evaluations per method and seed: tune_all NAME TRAIN_FILE STEPS [NAME FILE STEPS ...].
 # With JOBS > 1 up to JOBS chains run at once; any failed chain fails the demo (after the others finish).
 tune_one() {  # method train_file steps [seed]
-  local name=$1 out=models/$LABEL/$1_$TRACK
+  local name=${ROW[$1.${4:-}]} out=${OUT[$1.${4:-}]}
   local -a seed=()
-  if [[ -n ${4:-} ]]; then name=$1_seed$4 out=models/$LABEL/$1_${TRACK}_seed$4 seed=(--set seed="$4"); fi
+  if [[ -n ${4:-} ]]; then seed=(--set seed="$4"); fi
   run $PY finetune.py --model "$MODEL" "${MF[@]}" --recipe "$FT" --set max_steps="$3" "${seed[@]}" \
     --output-dir "$out" --train-file "$2"
   evaluate --model "$out" --method "$name"
@@ -93,13 +120,13 @@ tune_all() {
     for s in "${seeds[@]}"; do
       if ((DRY || JOBS <= 1)); then tune_one "$1" "$2" "$3" "$s"; continue; fi
       while (($(jobs -rp | wc -l) >= JOBS)); do wait -n || failed=1; done
-      tune_one "$1" "$2" "$3" "$s" > "models/$LABEL/log_$1${s:+_seed$s}.txt" 2>&1 &
+      tune_one "$1" "$2" "$3" "$s" > "${LOG[$1.$s]}" 2>&1 &
       pids+=($!)
     done
     shift 3
   done
   for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
-  ((failed == 0)) || { echo "error: a fine-tune chain failed (see models/$LABEL/log_*.txt)" >&2; exit 1; }
+  ((failed == 0)) || { echo "error: a fine-tune chain failed (see $(names finetune-log --model "$MODEL" --method '*'))" >&2; exit 1; }
 }
 
 if [[ ${PROBES:-1} != 0 ]]; then
@@ -113,9 +140,9 @@ fi
 stamp "2/4 teach refusal ($TRACK track): R-Tuning data under the REFUSE prompt, the threshold baseline, fine-tune, evaluate"
 # Training data rendered with the evaluation's REFUSE prompt, so tuned models are asked as they were taught.
 if [[ $TRACK == open ]]; then
-  run $PY run_ParaRel.py --model "$MODEL" "${MF[@]}" --domain ID --split train --template open_refuse --limit "$N_SOURCE" --method unsure,unknown
+  run $PY run_ParaRel.py --model "$MODEL" "${MF[@]}" --domain ID --split train --template "$RT_TEMPLATE" --limit "$N_SOURCE" --method unsure,unknown
 else
-  run $PY run_MMLU.py --model "$MODEL" "${MF[@]}" --domain ID --split train --shots 0 --template mcq_refuse --limit "$N_SOURCE" --method all
+  run $PY run_MMLU.py --model "$MODEL" "${MF[@]}" --domain ID --split train --shots 0 --template "$RT_TEMPLATE" --limit "$N_SOURCE" --method all
 fi
 # The initial model under BASIC: THS's reference on the test sets, and on the training questions the
 # threshold baseline picks its t from (never from test questions).
@@ -126,9 +153,8 @@ run $PY evaluate.py --model "$MODEL" "${MF[@]}" "${EF[@]}" --template basic --te
 # (the abstention sets are open questions: the threshold applies there on the open track only)
 THRESHOLD_TESTS=("${TESTS[@]}"); [[ $TRACK == open ]] && THRESHOLD_TESTS+=("${ABSTAIN[@]}")
 run $PY threshold_baseline.py --model "$LABEL" --train "$TRAIN_TEST" "${THRESHOLD_TESTS[@]}"
-((DRY)) || mkdir -p "models/$LABEL"
-tune_all rtuning_unsure "training_data/$LABEL/rtuning_unsure_${RT_NAME}_text2text.json" "$RT_STEPS" \
-         rtuning_unknown "training_data/$LABEL/rtuning_unknown_${RT_NAME}_text2text.json" "$RT_STEPS"
+((DRY)) || mkdir -p "$RUNS"
+tune_all rtuning_unsure "${RT_FILES[0]}" "$RT_STEPS" rtuning_unknown "${RT_FILES[1]}" "$RT_STEPS"
 
 stamp "3/4 avoid over-refusal ($TRACK track): CRaFT's state, flow, RAIT sets and CRSS (Task 2.2.2)"
 if [[ $TRACK == open ]]; then
@@ -154,13 +180,11 @@ else
   run $PY build_rait.py --model "$MODEL" --dataset mmlu --split ID_train --n-van "${N_VAN:-50}" --n-idk "${N_IDK:-50}"
 fi
 rait=()
-for method in van cor_rait corcer_rait craft_wo_cer craft; do
-  rait+=("$method" "training_data/$LABEL/rait_${method}_${SOURCE_NAME}_text2text.json" "$RAIT_STEPS")
-done
+for i in "${!RAIT_METHODS[@]}"; do rait+=("${RAIT_METHODS[i]}" "${RAIT_FILES[i]}" "$RAIT_STEPS"); done
 tune_all "${rait[@]}"
 
 stamp "4/4 tables and report"
 run $PY results_table.py --model "$LABEL" "${TABLE[@]}"
 run $PY results_table.py --model "$LABEL" --abstention
 run $PY report.py --models "$LABEL"
-stamp "done: results/$LABEL/table_rtuning.md, results/report.md, results/report.html"
+stamp "done: $TABLE_FILE, ${REPORT_FILES[0]}, ${REPORT_FILES[1]}"

@@ -59,11 +59,11 @@ kb_pipeline() {
   local rait_recipe=${RAIT_RECIPE:-configs/finetune_craft_mcq_lora.yaml}
   local reh_open_recipe=${REHEARSAL_OPEN_RECIPE:-configs/finetune_craft_open_full.yaml}
   local rait_open_recipe=${RAIT_OPEN_RECIPE:-configs/finetune_craft_open_full.yaml}
-  # The folder name every stage writes under (kb.paths.slug, as the stages compute it).
+  # Every file and folder name comes from kb/layout.py, the stages' own naming (no model loads).
+  names() { "$py" -m kb.layout "$@"; }
   local label
-  label=$("$py" -c 'import sys; from kb.paths import slug; print(slug(sys.argv[1]))' "$MODEL" 2>/dev/null \
-          || basename "$MODEL")
-  local runs=models/$label  # fine-tuned models and adapters (each loads by `--model <dir>`)
+  label=$(names label --model "$MODEL")  # the folder every stage writes under
+  local rait_methods=van,cor_rait,corcer_rait,craft_wo_cer,craft
 
   run() {
     if ((dry)); then
@@ -92,38 +92,46 @@ kb_pipeline() {
 
   if ((do_rtuning)); then
     # Task 2.2.1: full fine-tune of M0 on the `unsure` (padding) data, then Pc/Pw/Pr, THS and AP.
-    local ds
-    for ds in "MMLU_ID_train_${shots}shot" ParaRel_ID_train; do
-      run "$py" finetune.py --model "$MODEL" "${mf[@]}" --recipe "$rt_recipe" \
-        --train-file "training_data/$label/rtuning_unsure_${ds}.json" --output-dir "$runs/rtuning_unsure_${ds}"
+    local ds probe train out
+    local -a rt_runs=()
+    for ds in mmlu pararel; do
+      probe=$(names probe-name --dataset "$ds" --split ID_train --shots "$shots")
+      train=$(names rtuning-set --model "$MODEL" --dataset "$ds" --split ID_train --shots "$shots" --method unsure)
+      out=$(names tuned-dir --model "$MODEL" --method rtuning_unsure --source "$probe")
+      run "$py" finetune.py --model "$MODEL" "${mf[@]}" --recipe "$rt_recipe" --train-file "$train" --output-dir "$out"
+      rt_runs+=("$out")
     done
-    run "$py" evaluate.py --model "$runs/rtuning_unsure_MMLU_ID_train_${shots}shot" "${mf[@]}" --method rtuning_unsure \
-      "${rt_mcq[@]}" "${lim[@]}"
-    run "$py" evaluate.py --model "$runs/rtuning_unsure_ParaRel_ID_train" "${mf[@]}" --method rtuning_unsure \
-      "${open_tests[@]}" "${lim[@]}"
+    run "$py" evaluate.py --model "${rt_runs[0]}" "${mf[@]}" --method rtuning_unsure "${rt_mcq[@]}" "${lim[@]}"
+    run "$py" evaluate.py --model "${rt_runs[1]}" "${mf[@]}" --method rtuning_unsure "${open_tests[@]}" "${lim[@]}"
   fi
 
   if ((do_craft)); then
     # CRaFT, MCQ track (source: MMLU ID train, 5-shot state) and open track (source: ParaRel ID train, 3-shot).
-    local track dataset reh rait name m
-    local -a tests rf
+    local track dataset reh rait name i text
+    local -a tests rf methods sets dirs
+    IFS=, read -r -a methods <<< "$rait_methods"
     for track in mcq open; do
       if [[ $track == mcq ]]; then
-        dataset=mmlu reh=$reh_recipe rait=$rait_recipe name=MMLU_ID_train_5shot tests=("${craft_mcq[@]}")
+        dataset=mmlu reh=$reh_recipe rait=$rait_recipe tests=("${craft_mcq[@]}")
         rf=("${reh_flags[@]+"${reh_flags[@]}"}")
       else
-        dataset=pararel reh=$reh_open_recipe rait=$rait_open_recipe name=ParaRel_ID_train_3shot tests=("${open_tests[@]}")
+        dataset=pararel reh=$reh_open_recipe rait=$rait_open_recipe tests=("${open_tests[@]}")
         rf=("${reh_open_flags[@]+"${reh_open_flags[@]}"}")
       fi
+      name=$(names source-name --dataset "$dataset" --split ID_train)  # the state query's default shots
+      text=$(names rait-set --model "$MODEL" --dataset "$dataset" --split ID_train --method "$rait_methods" --text2text)
+      mapfile -t sets <<< "$text"
+      text=$(names tuned-dir --model "$MODEL" --method "$rait_methods" --source "$name")
+      mapfile -t dirs <<< "$text"
       run "$py" query_state.py --model "$MODEL" "${mf[@]}" --dataset "$dataset" --split ID_train "${lim[@]}"
       run "$py" rehearsal_finetune.py --model "$MODEL" "${mf[@]}" --dataset "$dataset" --split ID_train \
         --recipe "$reh" "${rf[@]+"${rf[@]}"}"
       run "$py" build_rait.py --model "$MODEL" "${bf[@]}" --dataset "$dataset" --split ID_train
-      for m in van cor_rait corcer_rait craft_wo_cer craft; do
+      for i in "${!methods[@]}"; do
         # Every RAIT set is trained from M0 (never from the rehearsed model), then evaluated under REFUSE.
         run "$py" finetune.py --model "$MODEL" "${mf[@]}" --recipe "$rait" \
-          --train-file "training_data/$label/rait_${m}_${name}_text2text.json" --output-dir "$runs/${m}_${name}"
-        run "$py" evaluate.py --model "$runs/${m}_${name}" "${mf[@]}" --method "$m" "${tests[@]}" "${lim[@]}"
+          --train-file "${sets[i]}" --output-dir "${dirs[i]}"
+        run "$py" evaluate.py --model "${dirs[i]}" "${mf[@]}" --method "${methods[i]}" "${tests[@]}" "${lim[@]}"
       done
     done
   fi

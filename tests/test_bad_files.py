@@ -52,12 +52,13 @@ def eval_rec(i: int, **over: Any) -> dict[str, Any]:
 def record_file(t: Path, kind: str, recs: list[dict[str, Any]] | None = None, raw: bytes | None = None,
                 judged: list[dict[str, Any]] | None = None) -> Any:
     """A probe or evaluation records file (and a judgement file), read as the report and tables read it."""
-    from kb.records import judgement_path, read_eval_records, read_probe_records
+    from kb.layout import judged_path
+    from kb.records import read_eval_records, read_probe_records
 
     path = t / "T_test_open_basic.jsonl"
     path.write_bytes(raw if raw is not None else "".join(json.dumps(r) + "\n" for r in recs or []).encode())
     if judged is not None:
-        judgement_path(path).write_text("".join(json.dumps(r) + "\n" for r in judged))
+        judged_path(path).write_text("".join(json.dumps(r) + "\n" for r in judged))
     return (read_probe_records if kind == "probe" else read_eval_records)(path)
 
 

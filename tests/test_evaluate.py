@@ -12,7 +12,8 @@ from types import ModuleType
 import pytest
 
 from kb.engine import GreedyDecoder, continuation_logprobs, generation_stop_ids
-from kb.evaluate import _needs_more, row_name
+from kb.eval_summary import row_name
+from kb.evaluate import _needs_more
 from kb.paths import REPO_ROOT
 from kb.records import read_eval_records
 
@@ -224,7 +225,7 @@ def test_bad_arguments_are_one_line(argv: list[str], needle: str, tiny_model_dir
 
 
 def test_reclassify_writes_judgements_beside_the_replies(initial_results: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
-    from kb.records import judgement_path
+    from kb.layout import judged_path
     from kb.report.load import load_evals
 
     res = initial_results
@@ -238,7 +239,7 @@ def test_reclassify_writes_judgements_beside_the_replies(initial_results: Path, 
     _eval("--model", str(tiny_model_dir), "--test", "mmlu:ID_test", "--template", "refuse", "--limit", "6",
           "--results-dir", str(res), "--max-new-tokens", "4", "--reclassify")
     assert path.read_bytes() == replies  # the replies file is never rewritten
-    judged = [json.loads(x) for x in judgement_path(path).read_text().splitlines()]
+    judged = [json.loads(x) for x in judged_path(path).read_text().splitlines()]
     assert [j["id"] for j in judged] == [r["id"] for r in records] and judged[1]["reply"] == "I don't know."
     assert [j["outcome"] for j in judged[:2]] == ["refused", "refused"] and judged[0]["rtuning_verdict"] == "unsure"
     # every reader sees the judgements: the records as read, the summary, the report

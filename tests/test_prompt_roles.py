@@ -8,7 +8,7 @@ import pytest
 
 from kb.data import dataset_spec, load_split, registry
 from kb.errors import KbError
-from kb.evaluate import template_for
+from kb.eval_summary import template_for
 from kb.prompts import ROLES, PromptFormat, budget_for, prompt_for, render, templates, training_prompt
 from kb.testing import tiny_tokenizer
 

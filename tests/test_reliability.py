@@ -147,7 +147,8 @@ def test_lock_of_a_killed_run_is_taken_over(tmp_path, tiny_model_dir):
 
 def test_lock_holder_is_named_and_stale_lock_files_are_taken_over(tmp_path):
     from kb.errors import KbError
-    from kb.locks import _HELD, lock_output, lock_path, release_all
+    from kb.layout import lock_path
+    from kb.locks import _HELD, lock_output, release_all
 
     out = tmp_path / "probe_X.jsonl"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from kb.locks import lock_output; "

@@ -211,7 +211,7 @@ def test_query_state_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_mod
 
 def test_open_shots_never_come_from_the_queried_questions():
     from kb.data import Sample
-    from kb.state import query_shots
+    from kb.state_prompts import query_shots
 
     s = Sample("pararel/ID_train/0", "What field does Alan Turing work in?", "logic", (), (), "P101(field of work)")
     queried = {f"pararel/ID_train/{i}" for i in range(5)}
@@ -238,7 +238,7 @@ def test_early_stop_at_answer_end_keeps_the_cut_answers(tiny_lm):
 def test_open_shots_are_chat_turns_with_a_chat_template(tiny_lm):
     from kb.data import Sample
     from kb.prompts import PromptFormat
-    from kb.state import render_query, shot_layout
+    from kb.state_prompts import render_query, shot_layout
 
     q = Sample("x/0", "Who made the Beetle?", "Volkswagen", (), (), "P176")
     shots = [Sample("x/1", "Who made the Corolla?", "Toyota", (), (), "P176"),

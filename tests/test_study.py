@@ -99,9 +99,10 @@ def test_threshold_is_chosen_on_the_training_split_only(tmp_path):
 
 def _write_initial(res, dataset, split, records):
     """An initial BASIC evaluation on disk, as evaluate.py writes it (records, meta, summary)."""
-    from kb.evaluate import eval_paths, test_name, write_summary
+    from kb.eval_summary import write_summary
+    from kb.layout import eval_paths, results_dir, test_name
 
-    rec_path, sum_path, meta_path = eval_paths(res, "m", "initial", dataset, split, "open_basic")
+    rec_path, sum_path, meta_path = eval_paths(results_dir(res, "m"), "initial", test_name(dataset, split), "open_basic")
     rec_path.parent.mkdir(parents=True, exist_ok=True)
     full = [{"id": r["id"], "group": "g", "question": "q", "gold": "x", "aliases": [], "reply": "", "continued": False,
              "rtuning_verdict": None, "outcome": r["outcome"], "outcome_broad": r["outcome_broad"], "answer": "",

@@ -15,6 +15,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from kb import layout
 from kb.distributed import Dist
 from kb.engine.plan import BATCH_OVERHEAD_TOKENS, Batch
 from kb.io import RecordLog, iter_jsonl, write_jsonl
@@ -69,7 +70,7 @@ def shard(batches: Sequence[Batch], d: Dist, token_lists: Sequence[Sequence[int]
 
 def shard_path(path: Path, d: Dist) -> Path:
     """The file this rank appends to: the final file in one process, else its shard (kb.locks.rank_path)."""
-    return path if not d.active else path.with_name(f"{path.name}.shard-{d.rank}-of-{d.world}")
+    return path if not d.active else layout.shard_path(path, d.rank, d.world)
 
 
 class ShardedLog:

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kb import metrics
+from kb import layout, metrics
 from kb.errors import KbError
 from kb.io import read_json
-from kb.records import EvalRecord, ProbeRecord, is_judgement_file, read_eval_records, read_probe_records, record_kind
+from kb.records import EvalRecord, ProbeRecord, read_eval_records, read_probe_records, record_kind
 
 IDK = "I don't know"
-RESERVED = {"report_files", "example"}  # folders under results/ that are not models
+RESERVED = {layout.REPORT_FILES, "example"}  # folders under results/ that are not models
 
 
 def find_models(training_dir: Path, results_dir: Path) -> list[str]:
@@ -69,10 +69,10 @@ class ProbeSet:
 
 def load_probes(model_dir: Path) -> list[ProbeSet]:
     out = []
-    for path in sorted(model_dir.glob("probe_*.jsonl")):
+    for path in layout.probe_files(model_dir):
         recs = read_probe_records(path)
         if recs:
-            out.append(ProbeSet(path.stem[len("probe_"):], recs, record_kind(recs[0]) == "mcq"))
+            out.append(ProbeSet(layout.name_of(path, "probe"), recs, record_kind(recs[0]) == "mcq"))
     return out
 
 
@@ -82,15 +82,16 @@ def load_state(model_dir: Path, problems: list[str]) -> dict[str, dict[str, dict
     from kb import statefile
 
     out = {}
-    for path in sorted(model_dir.glob("state_*.jsonl")):
-        if path.stem.endswith("_rehearsed"):
+    for path in layout.state_files(model_dir):
+        name = layout.name_of(path, "state")
+        if layout.is_rehearsed(name):
             continue  # M~'s state (rehearsal_finetune.py): shown through the flow file, not as a source set
         try:
             sf = statefile.load_state(path)
         except KbError as err:
             problems.append(f"{err}")
             continue
-        out[path.stem[len("state_"):]] = {r["id"]: {"cor": r["cor"], "cer": r["cer"]} for r in sf.records}
+        out[name] = {r["id"]: {"cor": r["cor"], "cer": r["cer"]} for r in sf.records}
     return out
 
 
@@ -99,13 +100,13 @@ def load_flow(model_dir: Path, problems: list[str]) -> dict[str, dict[str, dict[
     from kb import statefile
 
     out = {}
-    for path in sorted(model_dir.glob("flow_*.jsonl")):
+    for path in layout.flow_files(model_dir):
         try:
             ff = statefile.load_flow(path)
         except KbError as err:
             problems.append(f"{err}")
             continue
-        out[path.stem[len("flow_"):]] = {r["id"]: {k: r[k] for k in ("cor0", "cer0", "cor1", "cer1")} for r in ff.records}
+        out[layout.name_of(path, "flow")] = {r["id"]: {k: r[k] for k in ("cor0", "cer0", "cor1", "cer1")} for r in ff.records}
     return out
 
 
@@ -113,7 +114,7 @@ def load_rait(model_dir: Path, problems: list[str]) -> dict[str, dict[str, dict[
     """{source name: {method: {'van': ids, 'idk': ids, 'tau_sim', 'tau_mu'}}} from the ids build_rait.py
     stores in each RAIT set."""
     out: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
-    for path in sorted(model_dir.glob("rait_*_text2text.json")):
+    for path in layout.rait_files(model_dir):
         data = read_json(path)
         meta = data.get("kb_meta") if isinstance(data, dict) else None
         ids, labels = (meta or {}).get("instance_ids"), (meta or {}).get("instance_labels")
@@ -122,7 +123,7 @@ def load_rait(model_dir: Path, problems: list[str]) -> dict[str, dict[str, dict[
             problems.append(f"{path}: no kb_meta instance_ids / instance_labels / method (rerun build_rait.py)")
             continue
         assert meta is not None
-        name = path.name.removeprefix(f"rait_{method}_").removesuffix("_text2text.json")
+        name = layout.rait_name_of(path, method)
         out[name][method] = {"van": [i for i, x in zip(ids, labels) if x == "van"],
                              "idk": [i for i, x in zip(ids, labels) if x == "idk"],
                              "tau_sim": meta.get("crss_tau_sim"), "tau_mu": (meta.get("params") or {}).get("tau_mu")}
@@ -137,7 +138,7 @@ def recompute_crss(model_dir: Path, rait: dict[str, dict[str, dict[str, Any]]], 
 
     out: dict[str, dict[str, float | None]] = {}
     for name, methods in rait.items():
-        path = model_dir / f"state_{name}.jsonl"
+        path = layout.state_records(model_dir, name)
         try:
             state = statefile.load_state(path)
             index, reps = statefile.load_reps(state)
@@ -155,7 +156,7 @@ def recompute_crss(model_dir: Path, rait: dict[str, dict[str, dict[str, Any]]], 
 class EvalSet:
     """Evaluation records of one (method, test set) of one model, re-judged verdicts applied."""
 
-    method: str  # the table row (evaluate.row_name)
+    method: str  # the table row (eval_summary.row_name)
     test_set: str
     records: list[EvalRecord]
     path: Path
@@ -196,10 +197,7 @@ def answer_correct(rec: EvalRecord) -> bool:
 def load_evals(res_dir: Path) -> list[EvalSet]:
     """Every evaluation records file under <results>/<model>/eval/ (judgement files are read with theirs)."""
     out = []
-    root = res_dir / "eval"
-    for path in sorted(root.rglob("*.jsonl")) if root.is_dir() else []:
-        if is_judgement_file(path):
-            continue
+    for path in layout.eval_record_files(res_dir):
         recs = read_eval_records(path)
         if recs:
             out.append(EvalSet(recs[0]["method"], recs[0]["test_set"], recs, path))

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kb.layout import figure_path, report_paths
+
 
 @dataclass
 class Report:
@@ -40,7 +42,7 @@ class Report:
     def fig(self, fig: Any, name: str, caption: str) -> None:
         from kb.report.figures import save_figure
 
-        path = self.out_dir / "report_files" / f"{name}.png"
+        path = figure_path(self.out_dir, name)
         save_figure(fig, path)
         self.figures.append(path)
         self.blocks.append(("fig", (path, caption)))
@@ -119,6 +121,7 @@ def write_report(rep: Report, title: str = "kb knowledge-boundary report") -> tu
     """Write report.md and the self-contained report.html next to each other in the results dir."""
     from kb.io import write_text
 
-    md = write_text(rep.out_dir / "report.md", render_md(rep))
-    ht = write_text(rep.out_dir / "report.html", render_html(rep, title))
+    md_path, html_path = report_paths(rep.out_dir)
+    md = write_text(md_path, render_md(rep))
+    ht = write_text(html_path, render_html(rep, title))
     return md, ht

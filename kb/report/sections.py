@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from kb import bootstrap, metrics
+from kb import bootstrap, layout, metrics
 from kb.errors import KbError
 from kb.metrics import DEFAULT_BINS, ece, is_initial_row
 from kb.paths import shown_path
@@ -164,6 +164,11 @@ def _section_boundary(rep: Report, data: list[ModelData]) -> None:
             rep.miss(f"{md.name}: no ParaRel probe: run `python run_ParaRel.py --model {md.name}`")
 
 
+def _data(md: ModelData) -> Path:
+    """A model's stage-data folder as the report's hints name it (training_data/<model>)."""
+    return Path(layout.TRAINING_DATA, md.name)
+
+
 def _section_state(rep: Report, data: list[ModelData]) -> None:
     rep.h(2, "2. Knowledge state and knowledge flow (CRaFT)")
     for md in data:
@@ -174,7 +179,7 @@ def _section_state(rep: Report, data: list[ModelData]) -> None:
     panels = []
     for md in data:
         if not md.state:
-            rep.miss(f"{md.name}: no knowledge-state file (training_data/{md.name}/state_*.jsonl): "
+            rep.miss(f"{md.name}: no knowledge-state file ({layout.state_records(_data(md), '*')}): "
                      f"run `python query_state.py --model {md.name}`")
             continue
         for name, st in md.state.items():
@@ -182,7 +187,7 @@ def _section_state(rep: Report, data: list[ModelData]) -> None:
             sel = None if craft is None else {**{i: "vanilla" for i in craft["van"]}, **{i: IDK for i in craft["idk"]}}
             panels.append((f"{md.name}: {pretty(name)} (n={len(st)})", st, sel, None if craft is None else craft.get("tau_mu")))
             if sel is None:
-                rep.miss(f"{md.name}: no CRaFT set for {pretty(name)} (training_data/{md.name}/rait_craft_{name}_text2text.json): "
+                rep.miss(f"{md.name}: no CRaFT set for {pretty(name)} ({layout.rait_set(_data(md), 'craft', name, True)}): "
                          f"run `python build_rait.py --model {md.name}`")
             else:
                 got = Counter(sel.get(q, "dropped") for q in st)
@@ -194,7 +199,7 @@ def _section_state(rep: Report, data: list[ModelData]) -> None:
     flows = []
     for md in data:
         if not md.flow:
-            rep.miss(f"{md.name}: no knowledge-flow file (training_data/{md.name}/flow_*.jsonl): "
+            rep.miss(f"{md.name}: no knowledge-flow file ({layout.flow_records(_data(md), '*')}): "
                      f"run `python rehearsal_finetune.py --model {md.name}`")
             continue
         for name, fl in md.flow.items():
@@ -267,7 +272,8 @@ def _section_methods(rep: Report, data: list[ModelData]) -> None:
     rows = [r for md in data for r in method_rows(md)]
     for md in data:
         if not md.evals:
-            rep.miss(f"{md.name}: no evaluation records (results/{md.name}/eval/): run `python evaluate.py --model {md.name}`")
+            rep.miss(f"{md.name}: no evaluation records ({layout.eval_root(Path(layout.RESULTS, md.name))}/): "
+                     f"run `python evaluate.py --model {md.name}`")
         elif not any(is_initial_row(e.method) for e in md.evals):
             rep.miss(f"{md.name}: no evaluation of the initial model, so THS is n/a: run `python evaluate.py` on M0")
         if not md.rait:

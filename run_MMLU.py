@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from kb.config import add_common_args, parse_with_config
+from kb.defaults import default_shots
 from kb.errors import KbError, cli_main
 from kb.probe import run_probe
 from kb.prompts import prompt_for
@@ -24,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(p)
     p.add_argument("--domain", default="ID", choices=["ID", "OOD"], help="R-Tuning's 28 ID / 29 OOD subjects")
     p.add_argument("--split", default="train", choices=["train", "test"], help="ID: halves of each test CSV")
-    p.add_argument("--shots", type=int, default=5, choices=[0, 5], help="dev-set shots (harness format)")
+    p.add_argument("--shots", type=int, default=default_shots("mmlu", "probe"), choices=[0, 5],
+                   help="dev-set shots (harness format; default: MMLU's probe shots in kb/registry.yaml)")
     p.add_argument("--method", default="all",
                    help="R-Tuning data to write: unsure, unknown, uncertain, a comma list of them, or all")
     p.add_argument("--template", default=prompt_for("mmlu", "probe"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from kb.config import add_common_args, parse_with_config
+from kb.defaults import default_shots
 from kb.errors import KbError, cli_main
 from kb.probe import run_probe
 from kb.prompts import budget_for, prompt_for
@@ -24,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(p)
     p.add_argument("--domain", default="ID", choices=["ID", "OOD"])
     p.add_argument("--split", default="train", choices=["train", "test"])
-    p.add_argument("--shots", type=int, default=0, help="solved ParaRel training examples before the question")
+    p.add_argument("--shots", type=int, default=default_shots("pararel", "probe"),
+                   help="solved ParaRel training examples before the question (default: its probe shots in kb/registry.yaml)")
     p.add_argument("--method", default="all",
                    help="R-Tuning data to write: unsure, unknown, uncertain, a comma list of them, or all")
     p.add_argument("--max-new-tokens", type=int, default=budget_for("pararel", "probe"),

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from kb.data import LETTERS, load_split, shots_for, subset
+from kb.defaults import default_shots
 from kb.engine import (
     PrefixScorer,
     auto_token_budget,
@@ -181,7 +182,7 @@ def main() -> None:
     common.add_model_args(p)
     p.add_argument("--limit", type=int, default=150, help="questions for kb (0 = all 14,042)")
     p.add_argument("--subjects", type=int, default=0, help="restrict to this many random subjects (0 = all)")
-    p.add_argument("--shots", type=int, default=5)
+    p.add_argument("--shots", type=int, default=default_shots("mmlu", "probe"))
     p.add_argument("--ref-limit", type=int, default=None, help="questions for R-Tuning's loop (default: all)")
     p.add_argument("--pc-limit", type=int, default=None, help="questions for per-choice scoring (default: all)")
     p.add_argument("--pc-batch-size", type=int, default=None, help="sequences per pass (default 32 cuda, 8 cpu)")

@@ -28,6 +28,7 @@ import common  # bench/common.py: puts the repo on sys.path, so it comes before 
 import torch
 
 from kb.data import load_split, shots_for, subset
+from kb.defaults import default_shots
 from kb.engine import (
     auto_token_budget,
     batch_seed,
@@ -39,7 +40,7 @@ from kb.engine import (
     plan_batches,
     use_decoder,
 )
-from kb.prompts import PromptFormat, prompt_for, render, resolve_chat
+from kb.prompts import PromptFormat, budget_for, prompt_for, render, resolve_chat
 
 
 def run_kb(sub: common.Subject, seqs: list[list[int]], n: int, max_new: int, temperature: float, do_sample: bool,
@@ -148,11 +149,11 @@ def main() -> None:
     common.add_model_args(p)
     p.add_argument("--split", default="ID_test")
     p.add_argument("--limit", type=int, default=64, help="questions for kb (0: all)")
-    p.add_argument("--shots", type=int, default=3, help="CRaFT queried open QA 3-shot")
+    p.add_argument("--shots", type=int, default=default_shots("pararel", "query"), help="CRaFT queried open QA 3-shot")
     p.add_argument("--samples", type=int, default=10, help="N answers per question (CRaFT: 10)")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=50, help="per sampled answer (CRaFT: ~50)")
-    p.add_argument("--greedy-new-tokens", type=int, default=15, help="R-Tuning's greedy probe")
+    p.add_argument("--max-new-tokens", type=int, default=budget_for("pararel", "query"), help="per sampled answer (CRaFT: ~50)")
+    p.add_argument("--greedy-new-tokens", type=int, default=budget_for("pararel", "probe"), help="R-Tuning's greedy probe")
     p.add_argument("--greedy-only", action="store_true", help="only the greedy probe (kb, R-Tuning's loop)")
     p.add_argument("--ref-limit", type=int, default=2, help="questions for per-sample generation")
     p.add_argument("--greedy-ref-limit", type=int, default=16, help="questions for R-Tuning's greedy loop")

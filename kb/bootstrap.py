@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from kb.metrics import table_ap
+
 N_RESAMPLES = 1000
 CONFIDENCE = 0.95
 SEED = 0
@@ -147,8 +149,6 @@ def table_ap_interval(table: Any) -> list[float] | None:
 def ap_with_interval(table: Any) -> tuple[float | None, list[float] | None]:
     """R-Tuning's AP (x100) of a per-question table (kb.metrics.table_ap) and its interval: the one AP reading
     evaluate.py's summaries and the report print. (None, None) when no ranked answer is correct."""
-    from kb.metrics import table_ap
-
     ap = table_ap(table)
     return (None, None) if ap is None else (100 * ap, table_ap_interval(table))
 

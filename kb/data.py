@@ -6,6 +6,7 @@ import ast
 import csv
 import functools
 import io
+import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -380,8 +381,6 @@ def subset(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
         return samples
     if limit <= 0:
         raise KbError(f"--limit must be positive, got {limit}")
-    import random
-
     order = list(range(len(samples)))
     random.Random(seed).shuffle(order)
     keep = set(order[:limit])

@@ -28,6 +28,17 @@ def data_error(path: object, message: str, row: object | None = None, field: str
 # Failed writes a user fixes outside kb (full disk, quota, read-only or lost mount): one line, not a traceback.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
 
+_AT_STAGE_END: list[Callable[[], object]] = []
+
+
+def at_stage_end(func: Callable[[], object]) -> None:
+    """Run `func` whenever a script's main() (cli_main) returns or fails, as atexit does at process exit.
+
+    How a module with per-stage state cleans up without this module importing it: kb.locks registers its
+    release_all here, so a stage's outputs are free for the next run even in a process that goes on."""
+    if func not in _AT_STAGE_END:
+        _AT_STAGE_END.append(func)
+
 
 def cli_main(func: F) -> F:
     """Run a script's main(); a KbError or Ctrl-C becomes one line on stderr and a non-zero exit."""
@@ -49,8 +60,7 @@ def cli_main(func: F) -> F:
             print("interrupted: finished records are kept; rerun the same command to resume", file=sys.stderr)
             sys.exit(130)
         finally:
-            from kb.locks import release_all
-
-            release_all()  # the stage's outputs are free for the next run
+            for cleanup in _AT_STAGE_END:
+                cleanup()  # e.g. kb.locks.release_all: the stage's outputs are free for the next run
 
     return wrapper  # type: ignore[return-value]

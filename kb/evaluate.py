@@ -27,6 +27,7 @@ import numpy as np
 
 from kb import metrics
 from kb.answers import classify_reply, cut_at_period, rtuning_answer_part, rtuning_verdict
+from kb.checkpoint import read_base_info
 from kb.config import default_batch_size
 from kb.data import LETTERS, Sample, dataset_spec, load_split, should_abstain, subset
 from kb.engine import (
@@ -48,7 +49,7 @@ from kb.errors import KbError
 from kb.eval_summary import INITIAL, parse_tests, reclassify, row_name, template_for, write_summary
 from kb.io import read_json, write_jsonl
 from kb.layout import eval_paths, judged_path, results_dir, test_name
-from kb.models import LoadedModel, load_model, read_base_info, resolve_model
+from kb.models import LoadedModel, load_model, resolve_model
 from kb.paths import repo_path, slug
 from kb.prompts import (
     PromptFormat,

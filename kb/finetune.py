@@ -21,11 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kb.checkpoint import BASE_FILE, make_portable
 from kb.errors import KbError
 from kb.io import read_json, write_json
 from kb.lmflow import read_dataset
 from kb.locks import lock_output
-from kb.models import BASE_FILE, default_device, load_model, make_portable, text_config
+from kb.models import default_device, load_model, text_config
 from kb.paths import repo_path
 from kb.provenance import git_commit, package_versions
 from kb.recipe import Recipe, lora_layers

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kb.errors import KbError, data_error
+from kb.locks import lock_output
 
 
 def _dumps(obj: Any, indent: int | None) -> str:
@@ -169,8 +170,6 @@ class RecordLog:
     """
 
     def __init__(self, path: str | os.PathLike[str], key: str = "id") -> None:
-        from kb.locks import lock_output
-
         self.path = Path(path)
         self.key = key
         self.records: dict[str, dict[str, Any]] = {}

@@ -12,9 +12,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from kb.checkpoint import BASE_FILE, make_portable
 from kb.errors import KbError, data_error
 from kb.io import read_json, write_json
-from kb.models import BASE_FILE, default_device, make_portable, resolve_model
+from kb.models import default_device, resolve_model
 from kb.paths import repo_path
 from kb.recipe import KEYS, LORA_KEYS, Recipe
 from kb.tuned import META_FILE, base_model_ref, loss_curve, plot_loss, write_recipe_yaml

@@ -22,7 +22,7 @@ import socket
 import time
 from pathlib import Path
 
-from kb.errors import KbError
+from kb.errors import KbError, at_stage_end
 from kb.layout import lock_path, shard_path
 
 _HELD: dict[str, tuple[int, Path | None]] = {}  # lock file -> (open fd, the first folder made for it)
@@ -101,3 +101,4 @@ def release_all() -> None:
 
 
 atexit.register(release_all)
+at_stage_end(release_all)  # cli_main: at the end of each stage's main(), not only at exit

@@ -8,11 +8,14 @@ percentage points like the paper's tables.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 import numpy as np
+
+from kb.errors import KbError
 
 T = TypeVar("T")
 
@@ -120,8 +123,6 @@ def average_precision(correct: Sequence[bool], scores: Sequence[float]) -> float
 
 def sure_probability(logp_sure: float, logp_unsure: float) -> float:
     """p(sure) / (p(sure) + p(unsure)) from the two continuations' log-probabilities (stable form)."""
-    import math
-
     m = max(logp_sure, logp_unsure)
     a, b = math.exp(logp_sure - m), math.exp(logp_unsure - m)
     return a / (a + b)
@@ -251,8 +252,6 @@ class ReliabilityBin:
 
 
 def _check_calibration(conf: Sequence[float], correct: Sequence[bool | int], n_bins: int) -> tuple[np.ndarray, np.ndarray]:
-    from kb.errors import KbError
-
     c = np.asarray(conf, dtype=float)
     y = np.asarray(correct, dtype=float)
     if c.shape != y.shape or c.ndim != 1:

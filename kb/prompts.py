@@ -6,7 +6,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from kb.data import LETTERS, Sample, dataset_spec, registry
+from kb.data import LETTERS, Sample, registry
+from kb.defaults import declared, kind_declared
 from kb.errors import KbError
 from kb.statefile import StateRecord
 
@@ -17,26 +18,12 @@ def templates() -> dict[str, dict[str, str]]:
     return registry()["prompts"]
 
 
-def _role_entry(dataset: str, table: str, role: str) -> Any:
-    """The registry's `table` (roles | budgets) value of `role` for a dataset: its own override, else its kind's."""
-    spec = dataset_spec(dataset)  # an unknown dataset fails here, naming it
-    own = spec.options.get(table) or {}
-    kinds = registry()[table]
-    if spec.kind not in kinds:
-        raise KbError(f"kb/registry.yaml: no `{table}` entry for dataset kind {spec.kind!r} (dataset {spec.name})")
-    entry = {**kinds[spec.kind], **own}
-    if role not in entry:
-        what = "prompt" if table == "roles" else "budget"
-        raise KbError(f"unknown {what} role {role!r} for dataset {spec.name}; registered: {', '.join(entry)}")
-    return entry[role]
-
-
 def prompt_for(dataset: str, role: str, chat: bool = False) -> str:
     """The template a dataset's questions use in `role` (probe, query, basic, refuse), from kb/registry.yaml.
 
     The one place that decides it, so training (REFUSE) and evaluation prompts cannot drift apart;
     `chat` picks the role's chat-template variant where the registry gives one."""
-    entry = _role_entry(dataset, "roles", role)
+    entry = declared(dataset, "roles", role)
     name = entry[("chat" if chat else "plain")] if isinstance(entry, dict) else entry
     if name not in templates():
         raise KbError(f"kb/registry.yaml: role {role!r} of dataset {dataset!r} names unknown template {name!r}")
@@ -45,15 +32,12 @@ def prompt_for(dataset: str, role: str, chat: bool = False) -> str:
 
 def budget_for(dataset: str, role: str) -> int:
     """New tokens a dataset's questions may generate in `role` (probe, eval, eval_extra, query), from the registry."""
-    return int(_role_entry(dataset, "budgets", role))
+    return int(declared(dataset, "budgets", role))
 
 
 def kind_budget(kind: str, role: str) -> int:
     """A kind's registered budget, for CLI defaults set before the dataset is known (query_state.py's flag)."""
-    table = registry()["budgets"]
-    if kind not in table or role not in table[kind]:
-        raise KbError(f"kb/registry.yaml: no budget {role!r} for dataset kind {kind!r}")
-    return int(table[kind][role])
+    return int(kind_declared(kind, "budgets", role))
 
 
 def rtuning_strings() -> dict[str, Any]:

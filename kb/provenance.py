@@ -12,8 +12,9 @@ from typing import Any
 
 from kb.data import Sample
 from kb.errors import KbError
-from kb.io import read_json
+from kb.io import read_json, write_json
 from kb.layout import judged_path
+from kb.locks import lock_output, rank_path
 from kb.paths import REPO_ROOT
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "numpy")
@@ -98,9 +99,6 @@ def check_resumable(meta_path: Path, meta: dict[str, Any], restart: bool) -> Non
 def start_records(rec_path: Path, meta_path: Path, meta: dict[str, Any], restart: bool) -> None:
     """Prepare a resumable record file: refuse mismatched old records, drop them on --restart or when
     their meta is missing (they cannot be trusted to match), then write this run's meta."""
-    from kb.io import write_json
-    from kb.locks import lock_output, rank_path
-
     lock_output(rank_path(rec_path))  # before anything is read or written: one run per record file
     check_resumable(meta_path, meta, restart)
     if restart or (rec_path.exists() and not meta_path.exists()):

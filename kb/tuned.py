@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
+from kb.gguf import OFFLINE_MODELS
 from kb.io import read_json, write_text
-from kb.models import OFFLINE_MODELS
 from kb.paths import repo_path
 from kb.recipe import Recipe
 

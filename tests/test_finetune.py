@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from kb import finetune as ft
+from kb.checkpoint import read_base_info
 from kb.errors import KbError
-from kb.models import read_base_info
 from kb.paths import REPO_ROOT
 from kb.recipe import Recipe, load_recipe, lora_layers, parse_overrides
 

@@ -78,7 +78,7 @@ def test_offline_models_tokenizers_agree_with_their_headers(alias):
     """The two offline GGUFs, read by this transformers and conformed, tokenise as their headers say."""
     from transformers import AutoTokenizer
 
-    from kb.models import offline_gguf_path
+    from kb.gguf import offline_gguf_path
 
     path = offline_gguf_path(alias)
     spec = read_gguf_tokenizer_spec(path)

@@ -125,8 +125,8 @@ def test_malformed_training_file_stops_the_launcher(tmp_path: Path, tiny_model_d
 
 
 def test_prepare_stages_the_data_folder(train_file: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
+    from kb.checkpoint import read_base_info
     from kb.lmflow import prepare_lmflow
-    from kb.models import read_base_info
     from kb.recipe import load_recipe
 
     out = tmp_path / "lmflow_run"
@@ -236,7 +236,7 @@ def _assert_v4_fields(path: Path) -> None:
 
 
 def test_make_portable_fields(tmp_path: Path) -> None:
-    from kb.models import make_portable
+    from kb.checkpoint import make_portable
 
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "TokenizersBackend", "extra_special_tokens": ["<a>", "<b>"], "backend": "tokenizers"}))
@@ -252,7 +252,7 @@ def test_make_portable_fields(tmp_path: Path) -> None:
 
 def test_make_portable_rope_per_layer_type(tmp_path: Path) -> None:
     """Gemma 3: global and local RoPE in one rope_parameters; 4.x reads rope_theta + rope_local_base_freq."""
-    from kb.models import make_portable
+    from kb.checkpoint import make_portable
 
     rp = {"full_attention": {"rope_theta": 1e6, "rope_type": "linear", "factor": 8.0},
           "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"}}
@@ -268,7 +268,7 @@ def test_transformers5_still_reads_the_portable_checkpoint(tiny_model_dir: Path,
 
     from transformers import AutoConfig, AutoTokenizer
 
-    from kb.models import make_portable
+    from kb.checkpoint import make_portable
 
     d = tmp_path / "ck"
     shutil.copytree(tiny_model_dir, d)

@@ -6,7 +6,8 @@
     scorer     PrefixScorer: next-token log-probs at the end of each prompt (MCQ letters, p(sure))
     greedy     GreedyDecoder: evaluation replies, first-step log-probs, the prompt's cache for a probe
     generation greedy_texts / sample_answers: transformers' generate on CPU, the device decoder on GPU
-    decode     Decoder: the device decoder (captured step, slot refill); noise, step: its sampling and step
+    decode     Decoder: the device decoder (slots, prefill, refill); graph: its buffers and captured step;
+               noise, step: its sampling and the step's attention and stop rule
     driver     run_batches: the resumable, sharded batched pass every stage runs its callback in
 
 The stages (kb.probe, kb.state, kb.evaluate) import from here only.

@@ -20,11 +20,11 @@ import re
 from pathlib import Path
 
 from kb.data import dataset_spec, display_name
+from kb.defaults import default_shots
 from kb.errors import KbError
 from kb.paths import repo_path, shown_path, slug
 
 TRAINING_DATA, RESULTS, MODELS = "training_data", "results", "models"  # the stages' default roots
-DEFAULT_SHOTS = {"mcq": 5, "open": 3}  # CRaFT's state query: 5-shot MMLU, 3-shot open QA (in every <name>)
 REPORT_FILES = "report_files"  # the report's figures: a folder under the results root that is not a model
 REHEARSED = "_rehearsed"  # state_<name>_rehearsed.jsonl: the rehearsed model's state
 SEED_RE = re.compile(r"^(?P<method>.+)_seed(?P<seed>\d+)$")
@@ -93,8 +93,8 @@ def test_name(dataset: str, split: str) -> str:
 
 def source_name(dataset: str, split: str, shots: int | None) -> str:
     """The <name> of the state, flow, RAIT and CRSS files: <Dataset>_<split>_<k>shot (k: the query's shots,
-    DEFAULT_SHOTS for the dataset's kind when None)."""
-    k = DEFAULT_SHOTS[dataset_spec(dataset).kind] if shots is None else shots
+    the registry's `query` shots for the dataset when None)."""
+    k = default_shots(dataset, "query") if shots is None else shots
     return f"{test_name(dataset, split)}_{k}shot"
 
 

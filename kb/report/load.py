@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kb import layout, metrics
+from kb import layout, metrics, statefile
+from kb.crss import TAU_SIM, crss_report
+from kb.data import abstention_datasets
 from kb.errors import KbError
 from kb.io import read_json
 from kb.records import EvalRecord, ProbeRecord, read_eval_records, read_probe_records, record_kind
@@ -79,8 +81,6 @@ def load_probes(model_dir: Path) -> list[ProbeSet]:
 # --------------------------------------------------------------------------- state, flow, RAIT sets
 def load_state(model_dir: Path, problems: list[str]) -> dict[str, dict[str, dict[str, float]]]:
     """{state set name: {id: {'cor', 'cer'}}} from query_state.py's files, validated by kb.statefile."""
-    from kb import statefile
-
     out = {}
     for path in layout.state_files(model_dir):
         name = layout.name_of(path, "state")
@@ -97,8 +97,6 @@ def load_state(model_dir: Path, problems: list[str]) -> dict[str, dict[str, dict
 
 def load_flow(model_dir: Path, problems: list[str]) -> dict[str, dict[str, dict[str, float]]]:
     """{flow set name: {id: {'cor0','cer0','cor1','cer1'}}} from rehearsal_finetune.py's flow files."""
-    from kb import statefile
-
     out = {}
     for path in layout.flow_files(model_dir):
         try:
@@ -133,9 +131,6 @@ def load_rait(model_dir: Path, problems: list[str]) -> dict[str, dict[str, dict[
 def recompute_crss(model_dir: Path, rait: dict[str, dict[str, dict[str, Any]]], problems: list[str],
                    kinds: dict[str, str]) -> dict[str, dict[str, float | None]]:
     """CRSS of every RAIT set, recomputed from M0's question representations and the set's own ids."""
-    from kb import statefile
-    from kb.crss import TAU_SIM, crss_report
-
     out: dict[str, dict[str, float | None]] = {}
     for name, methods in rait.items():
         path = layout.state_records(model_dir, name)
@@ -178,8 +173,6 @@ class EvalSet:
     @property
     def abstention(self) -> bool:
         """A set made to test abstention (SelfAware, FalseQA: registry `abstain_groups`)."""
-        from kb.data import abstention_datasets
-
         return any(self.test_set.startswith(f"{d}_") for d in abstention_datasets()) or \
             any(r.get("should_abstain") for r in self.records)
 

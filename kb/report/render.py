@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kb.io import write_text
 from kb.layout import figure_path, report_paths
+from kb.report.figures import save_figure
 
 
 @dataclass
@@ -40,8 +42,6 @@ class Report:
         self.blocks.append(("missing", text))
 
     def fig(self, fig: Any, name: str, caption: str) -> None:
-        from kb.report.figures import save_figure
-
         path = figure_path(self.out_dir, name)
         save_figure(fig, path)
         self.figures.append(path)
@@ -119,8 +119,6 @@ def render_html(rep: Report, title: str) -> str:
 
 def write_report(rep: Report, title: str = "kb knowledge-boundary report") -> tuple[Path, Path]:
     """Write report.md and the self-contained report.html next to each other in the results dir."""
-    from kb.io import write_text
-
     md_path, html_path = report_paths(rep.out_dir)
     md = write_text(md_path, render_md(rep))
     ht = write_text(html_path, render_html(rep, title))

@@ -18,6 +18,7 @@ import numpy as np
 
 from kb import bootstrap, layout, metrics
 from kb.errors import KbError
+from kb.eval_table import DIFF_COLUMNS, DIFF_NOTES, paired_differences
 from kb.metrics import DEFAULT_BINS, ece, is_initial_row
 from kb.paths import shown_path
 from kb.report.answers import section_answers
@@ -313,8 +314,6 @@ def _section_methods(rep: Report, data: list[ModelData]) -> None:
 
 def _differences(rep: Report, data: list[ModelData]) -> None:
     """Paired differences (kb.eval_table.paired_differences), marked where the interval excludes 0."""
-    from kb.eval_table import DIFF_COLUMNS, DIFF_NOTES, paired_differences
-
     runs = {(md.name, ev.test_set, ev.method): functools.partial(lambda e: {x["id"]: x for x in e.records}, ev)
             for md in data for ev in md.evals}
     diffs = paired_differences(runs)

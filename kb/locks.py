@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from kb.errors import KbError, at_stage_end
-from kb.layout import lock_path, shard_path
+from kb.paths import lock_path, shard_path
 
 _HELD: dict[str, tuple[int, Path | None]] = {}  # lock file -> (open fd, the first folder made for it)
 

@@ -36,3 +36,15 @@ def slug(name: str) -> str:
     tail = name.rstrip("/").split("/")[-1]
     tail = re.sub(r"\.gguf$", "", tail)
     return re.sub(r"[^A-Za-z0-9._-]+", "-", tail) or "model"
+
+
+# The two names kb.locks needs sit here, below it, so that locking imports no dataset code; kb.layout
+# re-exports them with every other file name.
+def lock_path(output: Path) -> Path:
+    """The lock of an output (file or dir, kb.locks): its name minus `.jsonl`, plus `.lock`, in the same folder."""
+    return output.with_name(output.name.replace(".jsonl", "") + ".lock")
+
+
+def shard_path(path: Path, rank: int, world: int) -> Path:
+    """What rank r > 0 of a data-parallel launch appends to instead of `path`: its shard."""
+    return path.with_name(f"{path.name}.shard-{rank}-of-{world}")

@@ -22,7 +22,7 @@ from pathlib import Path
 from kb.data import dataset_spec, display_name
 from kb.defaults import default_shots
 from kb.errors import KbError
-from kb.paths import repo_path, shown_path, slug
+from kb.paths import lock_path, repo_path, shard_path, shown_path, slug  # noqa: F401 (lock, shard: kb.paths)
 
 TRAINING_DATA, RESULTS, MODELS = "training_data", "results", "models"  # the stages' default roots
 REPORT_FILES = "report_files"  # the report's figures: a folder under the results root that is not a model
@@ -131,16 +131,6 @@ def judged_path(records: Path) -> Path:
 
 def is_judged(path: Path) -> bool:
     return path.name.endswith(".judged.jsonl")
-
-
-def lock_path(output: Path) -> Path:
-    """The lock of an output (file or dir, kb.locks): its name minus `.jsonl`, plus `.lock`, in the same folder."""
-    return output.with_name(output.name.replace(".jsonl", "") + ".lock")
-
-
-def shard_path(path: Path, rank: int, world: int) -> Path:
-    """What rank r > 0 of a data-parallel launch appends to instead of `path`: its shard."""
-    return path.with_name(f"{path.name}.shard-{rank}-of-{world}")
 
 
 # ---------------------------------------------------------------- probing (run_MMLU.py, run_ParaRel.py)

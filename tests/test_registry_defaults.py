@@ -13,8 +13,8 @@ from kb.config import parse_with_config
 from kb.data import dataset_spec, registry
 from kb.defaults import CHAT_MODES, TABLES, declared, default_chat, default_shots, kind_declared
 from kb.errors import KbError
-from kb.state import settings_from_args
-from kb.statefile import source_name
+from kb.layout import source_name
+from kb.state_settings import settings_from_args
 from kb.testing import tiny_tokenizer
 
 DATASETS = sorted(registry()["datasets"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from kb.errors import KbError
 from kb.layout import (
@@ -35,15 +34,7 @@ from kb.layout import (
     test_name,
     tuned_dir,
 )
-from kb.paths import REPO_ROOT, repo_path, slug
-
-
-def shown(path: Path) -> str:
-    """A path as a launcher prints it: relative to the repo when inside it."""
-    try:
-        return path.relative_to(REPO_ROOT).as_posix()
-    except ValueError:
-        return str(path)
+from kb.paths import repo_path, shown_path, slug
 
 
 def _tests(items: Sequence[str]) -> list[tuple[str, str]]:
@@ -71,29 +62,29 @@ def _names(args: argparse.Namespace) -> list[str]:
         return [probe_name(args.dataset, args.split, args.shots, args.tag)]
     if k == "rtuning-set":
         name = probe_name(args.dataset, args.split, args.shots, args.tag)
-        return [shown(rtuning_set(data, m, name, args.text2text)) for m in methods]
+        return [shown_path(rtuning_set(data, m, name, args.text2text)) for m in methods]
     if k == "rait-set":
         name = source_name(args.dataset, args.split, args.shots)
-        return [shown(rait_set(data, m, name, args.text2text)) for m in methods]
+        return [shown_path(rait_set(data, m, name, args.text2text)) for m in methods]
     if k == "state":
-        return [shown(state_records(data, source_name(args.dataset, args.split, args.shots)))]
+        return [shown_path(state_records(data, source_name(args.dataset, args.split, args.shots)))]
     if k == "flow":
-        return [shown(flow_records(data, source_name(args.dataset, args.split, args.shots)))]
+        return [shown_path(flow_records(data, source_name(args.dataset, args.split, args.shots)))]
     if k == "eval":
-        return [shown(p) for ds, split in _tests(args.test)
+        return [shown_path(p) for ds, split in _tests(args.test)
                 for p in eval_paths(res, args.method, test_name(ds, split), args.template)[:2]]
     if k == "runs-dir":
-        return [shown(runs_dir(label, args.models_dir))]
+        return [shown_path(runs_dir(label, args.models_dir))]
     if k == "tuned-dir":
-        return [shown(tuned_dir(label, m, args.source, s, args.models_dir)) for m in methods for s in seeds]
+        return [shown_path(tuned_dir(label, m, args.source, s, args.models_dir)) for m in methods for s in seeds]
     if k == "seeded":
         return [seeded(m, s) for m in methods for s in seeds]
     if k == "finetune-log":
-        return [shown(finetune_log(label, seeded(m, s), args.models_dir)) for m in methods for s in seeds]
+        return [shown_path(finetune_log(label, seeded(m, s), args.models_dir)) for m in methods for s in seeds]
     if k == "table":
-        return [shown(table_path(res, args.abstention))]
+        return [shown_path(table_path(res, args.abstention))]
     if k == "report":
-        return [shown(p) for p in report_paths(repo_path(args.report_dir or args.results_dir))]
+        return [shown_path(p) for p in report_paths(repo_path(args.report_dir or args.results_dir))]
     raise AssertionError(k)
 
 

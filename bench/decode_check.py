@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
+
 import common  # noqa: F401  (puts the repo on sys.path)
 import torch
 
@@ -40,4 +43,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("error: bench/decode_check.py checks the CUDA fast path and needs a GPU (none found)")
     main()

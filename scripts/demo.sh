@@ -18,7 +18,9 @@
 # Runs (environment):
 #   SEEDS="0 1 2"   repeat every final fine-tune (and its evaluation) once per seed; methods are then filed as
 #                   <method>_seed<S> (results_table.py --seeds pools them). Default: one run, the recipe's seed.
-#   JOBS=N          run N fine-tune + evaluate chains at once (one GPU holds several small models); default 1
+#   JOBS=N          run N fine-tune + evaluate chains at once (one GPU holds several small models); default 1.
+#                   Each chain then sizes its GPU batches from 1/N of the GPU's memory (KB_GPU_SHARE; set it
+#                   yourself, e.g. KB_GPU_SHARE=0.1, when another study shares the GPU)
 #   RECIPE=FILE     the fine-tuning recipe of the final fine-tunes (default configs/finetune_cpu_demo.yaml)
 #   REHEARSAL_RECIPE=FILE   the rehearsal fine-tune's recipe (default configs/rehearsal_demo_cpu.yaml)
 #   MODEL_FLAGS="--dtype float32"   extra flags for every stage that loads the model
@@ -115,12 +117,12 @@ tune_one() {  # method train_file steps [seed]
 }
 tune_all() {
   local -a pids=() seeds=("${SEED_LIST[@]}") ; ((${#seeds[@]})) || seeds=("")
-  local failed=0 s pid
+  local failed=0 s pid share=${KB_GPU_SHARE:-$(awk -v j="$JOBS" 'BEGIN { printf "%.3f", 1 / j }')}
   while (($#)); do
     for s in "${seeds[@]}"; do
       if ((DRY || JOBS <= 1)); then tune_one "$1" "$2" "$3" "$s"; continue; fi
       while (($(jobs -rp | wc -l) >= JOBS)); do wait -n || failed=1; done
-      tune_one "$1" "$2" "$3" "$s" > "${LOG[$1.$s]}" 2>&1 &
+      KB_GPU_SHARE=$share tune_one "$1" "$2" "$3" "$s" > "${LOG[$1.$s]}" 2>&1 &
       pids+=($!)
     done
     shift 3

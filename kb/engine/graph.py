@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from kb.engine.attention import decoder_stack, register_attention
+from kb.engine.memory import usable_cuda_bytes
 from kb.engine.noise import pick, vocab_term
 from kb.engine.step import DECODE_ATTN, StepContext, StopRule, decode_attention, decode_step, emit_tokens
 from kb.models import text_config
@@ -57,8 +58,7 @@ class StepGraph:
         """Questions (groups of n rows, p prompt and t generated tokens) whose buffers fit: 64 on CPU."""
         if self.device.type != "cuda":
             return 64
-        free, _ = torch.cuda.mem_get_info(self.device)
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        free = usable_cuda_bytes(self.device)
         kv_tok = self.layers * 2 * self.kv_heads * self.head_dim * self.dtype.itemsize
         per_group = kv_tok * (p + n * t) + n * self.vocab * 4 * 8  # caches + the step's [rows, V] temporaries
         per_group += n * self.heads * (p + t) * 4 * 4  # fp32 attention scores

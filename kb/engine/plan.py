@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from kb.engine.attention import cascade_supported
+from kb.engine.memory import usable_cuda_bytes
 from kb.models import LoadedModel, text_config
 
 MIN_SHARED_PREFIX = 8  # tokens; below this a prefix cache is not worth its bookkeeping
@@ -116,8 +116,7 @@ def auto_token_budget(model: Any, *, generation: bool = False, fraction: float |
     fraction = fraction if fraction is not None else (0.6 if generation else 0.45)
     if next(model.parameters()).device.type != "cuda":
         return 16384
-    free, _ = torch.cuda.mem_get_info()
-    free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # this process's cached, reusable blocks
+    free = usable_cuda_bytes()  # with this process's cached, reusable blocks; KB_GPU_SHARE caps it
     per_token = token_bytes(text_config(model), next(model.parameters()).dtype.itemsize, generation)
     return max(512, int(free * fraction / per_token))
 

@@ -74,7 +74,7 @@ def row_name(method: str, template: str, dataset: str) -> str:
 
 
 def write_summary(args: argparse.Namespace, meta: dict[str, Any], records: list[dict[str, Any]], rec_path: Path,
-                  sum_path: Path) -> dict[str, Any]:
+                  sum_path: Path, wall_s: float | None = None) -> dict[str, Any]:
     """The summary of one run, from its meta and records alone (so --reclassify can redo it); the verdicts of
     a judgement file beside the records (--reclassify's) replace the replies' own."""
     records = apply_judgements(rec_path, records)
@@ -84,7 +84,8 @@ def write_summary(args: argparse.Namespace, meta: dict[str, Any], records: list[
     summary = summarise_eval(records, kind)
     summary.update(model=label, method=key["method"], row=row, tuned=meta["tuned"], dataset=dataset, split=split,
                    test_set=test_name(dataset, split), template=key["prompt"]["template"], prompt=key["prompt"],
-                   max_new_tokens=key["max_new_tokens"], records=rec_path.name)
+                   max_new_tokens=key["max_new_tokens"], records=rec_path.name,
+                   wall_s_this_run=None if wall_s is None else round(wall_s, 1))  # a resumed run: its own part only
     if judged_path(rec_path).is_file():
         summary["judgements"] = judged_path(rec_path).name
     baseline = find_baseline(args, label, dataset, split, kind, meta, records, row, summary)

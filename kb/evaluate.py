@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import time
 from typing import Any
 
 import numpy as np
@@ -149,11 +150,12 @@ def evaluate_set(lm: LoadedModel, label: str, method: str, tuned: bool, dataset:
         return [{**r, "method": row, "test_set": test_name(dataset, split), "template": template,
                  "should_abstain": should_abstain(dataset, r["group"])} for r in recs]
 
+    t0 = time.perf_counter()
     by_id = run_batches(rec_path, [s.id for s in samples], seqs, batches, work, desc=f"eval {name}")
     assert by_id is not None  # one process: evaluation is not sharded
     records = [by_id[s.id] for s in samples]
 
-    return write_summary(args, meta, records, rec_path, sum_path)
+    return write_summary(args, meta, records, rec_path, sum_path, wall_s=time.perf_counter() - t0)
 
 
 def reclassify_set(args: argparse.Namespace, label: str, method: str, dataset: str, split: str,
@@ -169,7 +171,8 @@ def reclassify_set(args: argparse.Namespace, label: str, method: str, dataset: s
         raise KbError(f"{rec_path}: {len(records)} records for {meta['questions']['n']} questions; finish the run first")
     records = reclassify(records)
     write_jsonl(judged_path(rec_path), [judgement(r) for r in records])
-    return write_summary(args, meta, records, rec_path, sum_path)
+    wall_s = read_json(sum_path).get("wall_s_this_run") if sum_path.is_file() else None  # the run's, not the re-judging's
+    return write_summary(args, meta, records, rec_path, sum_path, wall_s=wall_s)
 
 
 def _batch_records(lm: LoadedModel, decoder: GreedyDecoder, scorer: PrefixScorer, batch: list[Sample],

@@ -57,7 +57,7 @@ def test_initial_run_writes_records_and_summaries(initial_results: Path, tiny_mo
     for name in ("MMLU_ID_test_mcq_basic", "MMLU_ID_test_mcq_refuse", "ParaRel_OOD_test_open_basic",
                  "ParaRel_OOD_test_open_refuse"):
         s = _summary(initial_results, label, "initial", name)
-        assert s["n"] == 6
+        assert s["n"] == 6 and s["wall_s_this_run"] >= 0
         assert s["Pc"] + s["Pw"] + s["Pr"] + s["P_fail"] == pytest.approx(100.0)
         b = s["broad"]
         assert b["Pc"] + b["Pw"] + b["Pr"] + b["P_fail"] == pytest.approx(100.0)
@@ -236,9 +236,11 @@ def test_reclassify_writes_judgements_beside_the_replies(initial_results: Path, 
     records[1]["reply"] = "I don't know."
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     replies = path.read_bytes()
+    run_wall = _summary(res, label, "initial", "MMLU_ID_test_mcq_refuse")["wall_s_this_run"]
     _eval("--model", str(tiny_model_dir), "--test", "mmlu:ID_test", "--template", "refuse", "--limit", "6",
           "--results-dir", str(res), "--max-new-tokens", "4", "--reclassify")
     assert path.read_bytes() == replies  # the replies file is never rewritten
+    assert _summary(res, label, "initial", "MMLU_ID_test_mcq_refuse")["wall_s_this_run"] == run_wall  # the run's time
     judged = [json.loads(x) for x in judged_path(path).read_text().splitlines()]
     assert [j["id"] for j in judged] == [r["id"] for r in records] and judged[1]["reply"] == "I don't know."
     assert [j["outcome"] for j in judged[:2]] == ["refused", "refused"] and judged[0]["rtuning_verdict"] == "unsure"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -154,3 +155,20 @@ def default_batch_size(requested: int | None, device: Any) -> int:
     if requested:
         return requested
     return GPU_BATCH_SIZE if str(device).startswith("cuda") else CPU_BATCH_SIZE
+
+
+SHARE_ENV = "KB_GPU_SHARE"
+
+
+def gpu_share() -> float | None:
+    """The fraction of the GPU's memory this process may use (KB_GPU_SHARE), or None for all of it."""
+    raw = os.environ.get(SHARE_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        share = float(raw)
+    except ValueError:
+        share = -1.0
+    if not 0 < share <= 1:
+        raise KbError(f"{SHARE_ENV}={raw!r}: give a fraction of the GPU's memory in (0, 1], e.g. 0.25")
+    return share

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kb.checkpoint import check_model_dir, read_base_info, weights_fingerprint
+from kb.config import gpu_share
 from kb.errors import KbError
 from kb.gguf import OFFLINE_MODELS, convert_gguf, offline_gguf_path
 from kb.io import read_json
@@ -146,6 +147,7 @@ def load_model(
     scoring paths run under torch.inference_mode() themselves."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    gpu_share()  # a bad KB_GPU_SHARE fails here, before a stage writes anything
     source, label, how = resolve_model(name)
     base_name = name
     if isinstance(source, Path) and (source / "adapter_config.json").exists() and not (source / "config.json").exists():

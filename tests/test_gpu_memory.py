@@ -57,3 +57,11 @@ def test_the_token_budget_follows_the_share(fake_gpu, monkeypatch):
     monkeypatch.setenv(memory.SHARE_ENV, "0.2")
     shared = auto_token_budget(OnCuda(), generation=True)
     assert shared == pytest.approx(whole * 14 / 64, rel=0.01)
+
+
+def test_a_bad_share_stops_a_stage_when_it_loads_the_model(monkeypatch):
+    from kb.models import load_model
+
+    monkeypatch.setenv(memory.SHARE_ENV, "2")
+    with pytest.raises(KbError, match="KB_GPU_SHARE='2'"):  # before the model (here: none such) is looked up
+        load_model("no-such/model")

@@ -3,33 +3,18 @@
 Free memory is what the planners size from (kb.engine.plan.auto_token_budget, the CUDA-graph decoder's
 slots). Several processes on one GPU (demo.sh's JOBS, a study beside another) each see the whole free
 memory when they start and together take more than there is: one of them runs out. `KB_GPU_SHARE`
-(a fraction of the GPU's total memory, e.g. 0.2 for five processes) caps what each process counts as
-free, including what it already holds.
+(a fraction of the GPU's total memory, e.g. 0.2 for five processes; read by kb.config.gpu_share, which
+load_model calls first so a bad value fails before a stage writes anything) caps what each process
+counts as free, including what it already holds.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from kb.errors import KbError
+from kb.config import SHARE_ENV, gpu_share
 
-SHARE_ENV = "KB_GPU_SHARE"
-
-
-def gpu_share() -> float | None:
-    """The fraction of the GPU's memory this process may use (KB_GPU_SHARE), or None for all of it."""
-    raw = os.environ.get(SHARE_ENV, "").strip()
-    if not raw:
-        return None
-    try:
-        share = float(raw)
-    except ValueError:
-        share = -1.0
-    if not 0 < share <= 1:
-        raise KbError(f"{SHARE_ENV}={raw!r}: give a fraction of the GPU's memory in (0, 1], e.g. 0.25")
-    return share
+__all__ = ["SHARE_ENV", "gpu_share", "usable_cuda_bytes"]
 
 
 def usable_cuda_bytes(device: torch.device | int | None = None) -> int:

@@ -52,7 +52,8 @@ def run_kb(sub: common.Subject, seqs: list[list[int]], n: int, max_new: int, tem
     keys = [args.seed * 1_000_003 + i for i in range(len(seqs))]
     texts, _ = decode_texts(sub.model, sub.tokenizer, seqs, max_new, n=n, temperature=temperature if do_sample else None,
                             keys=keys, want_scores=not do_sample)
-    dec = decoder_for(sub.model, sub.tokenizer.pad_token_id, generation_stop_ids(sub.model, sub.tokenizer))
+    dec = decoder_for(sub.model, sub.tokenizer.pad_token_id, generation_stop_ids(sub.model, sub.tokenizer),
+                      own_kernel=args.own_kernel)
     return texts, dict(dec.stats)
 
 
@@ -167,6 +168,8 @@ def main() -> None:
     p.add_argument("--max-batch-tokens", type=int, default=None, help="legacy path: token budget (default: free memory)")
     p.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"],
                    help="auto: the tokenizer's chat template for a real model, none for a random-init one")
+    p.add_argument("--own-kernel", action="store_true",
+                   help="GPU: the decoder's own half through kb's Triton kernel (opt-in, kb.engine.own_attention)")
     p.add_argument("--fp32-check", type=int, default=0, help="GPU: recheck greedy agreement on this many questions in fp32")
     args = p.parse_args()
     cuda = args.device.startswith("cuda")

@@ -1,5 +1,7 @@
 """On a GPU: kb.engine.decode's fast path (CUDA graph, fused attention, compiled sampler) against its plain path
-(eager step, reference attention, eager sampler) and one-at-a-time greedy generate(), fp32, tiny model.
+(eager step, reference attention, eager sampler) and one-at-a-time greedy generate(), fp32, tiny model; then in
+bf16 the flash path against the same with its own half by kb's Triton kernel (opt-in), the memory-efficient path
+and the plain one (rounding differs: agreement is reported).
 
     python bench/decode_check.py
 """
@@ -40,6 +42,27 @@ def main() -> None:
         ref.append(toks[:cut])
     same_g = sum(x[0].tokens == r for x, r in zip(ga, ref))
     print(f"greedy: fast path = one-at-a-time generate on {same_g}/60; lengths {sorted({len(r) for r in ref})}")
+    bf16_paths(model.to(torch.bfloat16), seqs, stops, keys)
+
+
+def bf16_paths(model, seqs, stops, keys) -> None:
+    """bf16: the flash path (used keys only) against the memory-efficient path and the plain path."""
+    flash = Decoder(model, 0, stops, slots=37)
+    paths = {"own-kernel": Decoder(model, 0, stops, slots=37, own_kernel=True),
+             "memory-efficient": Decoder(model, 0, stops, slots=37, flash=False),
+             "plain": Decoder(model, 0, stops, slots=37, graphs=False, fused=False, compile_pick=False)}
+    a = flash.run(seqs, 20, n=4, temperature=0.9, keys=keys)
+    ga = flash.run(seqs, 20, want_logps=True)
+    print(f"bf16 flash path: {flash.stats}")
+    for name, dec in paths.items():
+        b = dec.run(seqs, 20, n=4, temperature=0.9, keys=keys)
+        gb = dec.run(seqs, 20, want_logps=True)
+        same = sum(x.tokens == y.tokens for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+        same_g = sum(x[0].tokens == y[0].tokens for x, y in zip(ga, gb))
+        dlp = max((abs(u - v) for x, y in zip(ga, gb) if x[0].tokens == y[0].tokens
+                   for u, v in zip(x[0].logps, y[0].logps)), default=float("nan"))
+        print(f"bf16: flash = {name} path on {same}/{len(seqs) * 4} samples, {same_g}/{len(seqs)} greedy replies; "
+              f"max |d logp| on identical replies {dlp:.3g}")
 
 
 if __name__ == "__main__":

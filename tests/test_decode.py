@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -100,6 +105,56 @@ def test_answer_end_rule_on_device(setup):
             assert out[q][k].tokens == ref, (q, k)
             stopped += len(ref) < 16
     assert stopped > 0
+
+
+def _varlen_flash(q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug, *, scale, seqused_k):
+    """flash attention's varlen forward as documented: sequence i's queries q[cu_q[i]:cu_q[i+1]] attend to
+    seqused_k[i] keys from k[cu_k[i]], heads grouped; returns (out, lse [H, total_q], ...)."""
+    assert dropout == 0.0 and not causal and max_q >= int((cu_q[1:] - cu_q[:-1]).max())
+    assert cu_q.dtype == cu_k.dtype == seqused_k.dtype == torch.int32 and int(seqused_k.max()) <= max_k
+    h, hkv = q.shape[1], k.shape[1]
+    out, lse = torch.zeros_like(q), torch.zeros(h, q.shape[0])
+    for i in range(len(cu_q) - 1):
+        a, b, c = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i])
+        ks, vs = (x[c:c + int(seqused_k[i])].float().repeat_interleave(h // hkv, dim=1) for x in (k, v))
+        s = torch.einsum("mhd,nhd->hmn", q[a:b].float(), ks) * scale
+        out[a:b] = torch.einsum("hmn,nhd->mhd", torch.softmax(s, -1), vs).to(q.dtype)
+        lse[:, a:b] = torch.logsumexp(s, -1)
+    _varlen_flash.calls += 1
+    return out, lse, None, None, None
+
+
+@pytest.mark.parametrize("own_kernel", [False, True], ids=["flash_own_half", "triton_own_half"])
+def test_flash_path_reads_the_used_keys_only(setup, monkeypatch, own_kernel):
+    """The flash path's bookkeeping (varlen offsets, used lengths, the buffers' layout, the halves' merge)
+    against the plain path, with the kernel replaced by its documented semantics (no CUDA here); and the
+    own-half Triton kernel, run by Triton's interpreter on CPU where Triton is installed."""
+    import kb.engine.graph as graph
+
+    if own_kernel:
+        if importlib.util.find_spec("triton") is None:
+            pytest.skip("the own-half kernel needs Triton (its interpreter runs it on CPU)")
+        if os.environ.get("TRITON_INTERPRET") != "1":  # Triton reads it once, at import (torch imports Triton)
+            run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::"
+                                  "test_flash_path_reads_the_used_keys_only[triton_own_half]"],
+                                 env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+            assert run.returncode == 0, run.stdout[-3000:]
+            return
+        monkeypatch.setattr(graph, "triton_available", lambda *a: True)
+    tok, model, seqs = setup
+    monkeypatch.setattr(graph, "flash_supported", lambda *a: True)
+    monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", _varlen_flash, raising=False)
+    _varlen_flash.calls = 0
+    keys = [50 + q for q in range(len(seqs))]
+    plain = Decoder(model, 0, [2], slots=2).run(seqs, 10, n=3, temperature=0.9, keys=keys)
+    flash = Decoder(model, 0, [2], slots=2, fused=True, own_kernel=own_kernel)
+    assert flash.flash and flash.own_kernel == own_kernel
+    out = flash.run(seqs, 10, n=3, temperature=0.9, keys=keys)
+    assert flash.stats["flash_attention"] and flash.stats["admissions"] > 1 and _varlen_flash.calls > 0
+    assert flash.stats["own_kernel"] == own_kernel
+    assert [[r.tokens for r in o] for o in out] == [[r.tokens for r in o] for o in plain]
+    greedy = Decoder(model, 0, [2], slots=3, fused=True, own_kernel=own_kernel).run(seqs, 12)
+    assert [o[0].tokens for o in greedy] == [_greedy_one(model, s, 12, [2]) for s in seqs]
 
 
 def test_stage_sampling_through_the_decoder_is_keyed_by_question(setup, monkeypatch):

@@ -68,10 +68,13 @@ class Decoder(StepGraph):
 
     def __init__(self, model: Any, pad_id: int, stop_ids: Sequence[int], *, graphs: bool | None = None,
                  slots: int | None = None, refill_fraction: float = 0.25, prefill_tokens: int | None = None,
-                 fused: bool | None = None, compile_pick: bool | None = None) -> None:
+                 fused: bool | None = None, compile_pick: bool | None = None, flash: bool | None = None,
+                 own_kernel: bool = False) -> None:
         if not decoder_supported(model):
             raise ValueError(f"Decoder does not support model type {model.config.model_type!r}")
-        super().__init__(model, stop_ids, graphs=graphs, fused=fused, compile_pick=compile_pick)
+        super().__init__(model, stop_ids, graphs=graphs, fused=fused, compile_pick=compile_pick, flash=flash,
+                         own_kernel=own_kernel)
+        self.asked_own_kernel = bool(own_kernel)
         self.pad_id = pad_id
         self.slots = slots
         self.refill_fraction = refill_fraction
@@ -112,8 +115,8 @@ class Decoder(StepGraph):
                     self._first[q] = lsm[r]
             slots = torch.tensor([g for g, _ in chunk], dtype=torch.long, device=self.device)
             for layer, (kp, vp) in zip(out.past_key_values.layers, st["kp"]):
-                kp[slots, :, :width] = layer.keys
-                vp[slots, :, :width] = layer.values
+                kp[slots, :width] = layer.keys.transpose(1, 2)
+                vp[slots, :width] = layer.values.transpose(1, 2)
             st["plen"][slots] = lens
             st["prompt_ok"][slots] = (st["pos_p"][None, :] < lens[:, None])[:, None, None, :]
             if self.fused:
@@ -251,7 +254,9 @@ class Decoder(StepGraph):
             steps += 1
         total = time.perf_counter() - t_start
         self.stats = {"slots": g, "rows": g * n, "steps": steps, "admissions": admitted, "prompt_width": p,
-                      "graph": self.graphs, "fused_attention": self.fused, "compiled_sampler": self._pick is not pick,
+                      "graph": self.graphs, "fused_attention": self.fused, "flash_attention": self.flash,
+                      "own_kernel": self.own_kernel,
+                      "compiled_sampler": self._pick is not pick,
                       "prefill_s": round(t_prefill, 3), "first_step_s": round(t_first, 3),
                       "other_steps_s": round(total - t_prefill - t_first, 3)}
         return replies
@@ -283,11 +288,11 @@ class Decoder(StepGraph):
 _DECODERS: dict[int, Decoder] = {}
 
 
-def decoder_for(model: Any, pad_id: int, stop_ids: Sequence[int]) -> Decoder:
+def decoder_for(model: Any, pad_id: int, stop_ids: Sequence[int], *, own_kernel: bool = False) -> Decoder:
     """One Decoder per model (its captured step and buffers are reused across batches)."""
     d = _DECODERS.get(id(model))
     if d is None or d.model is not model or d.pad_id != pad_id or d.stop_ids != sorted(set(stop_ids)) \
-            or d.dtype != next(model.parameters()).dtype:
+            or d.dtype != next(model.parameters()).dtype or d.asked_own_kernel != own_kernel:
         _DECODERS.clear()
-        d = _DECODERS[id(model)] = Decoder(model, pad_id, stop_ids)
+        d = _DECODERS[id(model)] = Decoder(model, pad_id, stop_ids, own_kernel=own_kernel)
     return d

@@ -19,19 +19,32 @@ import torch
 from kb.engine.attention import decoder_stack, register_attention
 from kb.engine.memory import usable_cuda_bytes
 from kb.engine.noise import pick, vocab_term
-from kb.engine.step import DECODE_ATTN, StepContext, StopRule, decode_attention, decode_step, emit_tokens
+from kb.engine.own_attention import triton_available
+from kb.engine.step import (
+    DECODE_ATTN,
+    FlashIndex,
+    StepContext,
+    StopRule,
+    decode_attention,
+    decode_step,
+    emit_tokens,
+    flash_supported,
+)
 from kb.models import text_config
 
 
 class StepGraph:
     """The buffers and the decoding step of a supported model (kb.engine.decode.decoder_supported).
 
-    `graphs` (default: on CUDA) captures the step as a CUDA graph; `fused` (default: on CUDA) uses the fused
-    attention kernel; `compile_pick` (default: on CUDA) compiles the sampler.
+    `graphs` (default: on CUDA) captures the step as a CUDA graph; `fused` (default: on CUDA) uses a fused
+    attention kernel: flash attention over the used keys in half precision (`flash`, default: where
+    supported; `own_kernel` (opt-in, needs Triton): its own half through kb.engine.own_attention's
+    kernel), else the memory-efficient kernel over whole masked buffers (fp32);
+    `compile_pick` (default: on CUDA) compiles the sampler.
     """
 
     def __init__(self, model: Any, stop_ids: Sequence[int], *, graphs: bool | None = None, fused: bool | None = None,
-                 compile_pick: bool | None = None) -> None:
+                 compile_pick: bool | None = None, flash: bool | None = None, own_kernel: bool = False) -> None:
         register_attention(DECODE_ATTN, decode_attention)
         self.model = model
         self.stop_ids = sorted(set(stop_ids))
@@ -51,6 +64,10 @@ class StepGraph:
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.vocab = model.get_output_embeddings().weight.shape[0]
+        can_flash = self.fused and flash_supported(self.device, self.dtype, self.head_dim)
+        self.flash = can_flash if flash is None else (flash and can_flash)
+        # Opt-in until it is timed on a GPU: the kernel's math is tested (Triton's interpreter), its speed is not.
+        self.own_kernel = bool(own_kernel) and self.flash and triton_available(self.device, self.head_dim)
 
     # -------------------------------------------------------------- sizing
 
@@ -70,7 +87,8 @@ class StepGraph:
                stop_rule: StopRule | None, max_new: int) -> dict[str, Any]:
         dev, dt = self.device, self.dtype
         b = g * n
-        kv = lambda rows, length: torch.zeros((rows, self.kv_heads, length, self.head_dim), dtype=dt, device=dev)  # noqa: E731
+        # [rows, length, Hkv, D]: a row's keys are one contiguous run (the flash path's varlen layout).
+        kv = lambda rows, length: torch.zeros((rows, length, self.kv_heads, self.head_dim), dtype=dt, device=dev)  # noqa: E731
         st: dict[str, Any] = dict(
             key=(g, n, p, t, temperature, want_logps, stop_rule is not None, max_new),
             g=g, n=n, p=p, t=t, b=b, temperature=temperature, want_logps=want_logps, max_new=max_new,
@@ -100,6 +118,7 @@ class StepGraph:
             st["prompt_bias"] = torch.zeros((g, 1, 1, p), dtype=dt, device=dev)
             # The fused kernel wants the bias rows 16-aligned: a padded buffer, seen through a slice.
             st["own_bias"] = torch.zeros((g * n, 1, 1, -(-t // 16) * 16), dtype=dt, device=dev)[..., :t]
+        st["flash"] = FlashIndex.alloc(g, n, p, t, dev, self.own_kernel) if self.flash else None
         return st
 
     def _step(self, st: dict[str, Any]) -> None:
@@ -110,10 +129,15 @@ class StepGraph:
         x = model.get_input_embeddings()(st["tok"][:, None])
         pe = dec.rotary_emb(x, pos)
         st["own_ok"].copy_((st["pos_t"][None, :] <= step[:, None])[:, None, None, :])
-        if self.fused:
+        flash = st["flash"] if self.flash else None
+        if flash is not None:
+            flash.own_kernel = self.own_kernel
+            flash.own_used.copy_(step + 1)
+            flash.prompt_used.copy_(st["plen"])
+        elif self.fused:
             st["own_bias"].copy_(torch.zeros_like(st["own_bias"]).masked_fill_(~st["own_ok"], float("-inf")))
         ctx = StepContext(st["kp"], st["kg"], st["prompt_ok"], st["own_ok"], step, st["rows"], st["n"],
-                          self.fused, st.get("prompt_bias"), st.get("own_bias"))
+                          self.fused, st.get("prompt_bias"), st.get("own_bias"), flash, st["rows"] * st["t"] + step)
         with decode_step(model, ctx):
             for layer in dec.layers:
                 out = layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe)
@@ -132,20 +156,29 @@ class StepGraph:
             saved = {k: st[k].clone() for k in ("tok", "step", "done", "seen", "length", "out_tok", "out_lp")}
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
-            try:
-                with torch.cuda.stream(side):
-                    self._step(st)  # warm-up (allocator, lazy inits, the sampler's compile) before capture
-            except Exception as err:  # noqa: BLE001  (a kernel or compiler this machine lacks)
-                if not (self.fused or self._pick is not pick):
-                    raise
-                warnings.warn(f"kb.engine.graph: fast step failed ({str(err).splitlines()[0][:200]}); using the plain one",
-                              stacklevel=2)
-                self.fused, self._pick, self._compiled = False, pick, None
-                torch.cuda.synchronize(self.device)
-                for k, v in saved.items():
-                    st[k].copy_(v)
-                with torch.cuda.stream(side):
-                    self._step(st)
+            while True:
+                try:
+                    with torch.cuda.stream(side):
+                        self._step(st)  # warm-up (allocator, lazy inits, the sampler's compile) before capture
+                    break
+                except Exception as err:  # noqa: BLE001  (a kernel or compiler this machine lacks)
+                    if not (self.flash or self.fused or self._pick is not pick):
+                        raise
+                    # One step down at a time: the own-half kernel -> flash -> the memory-efficient kernel ->
+                    # plain attention and the eager sampler.
+                    dropped = ("the own-half kernel" if self.own_kernel else "flash attention" if self.flash
+                               else "the fast step")
+                    warnings.warn(f"kb.engine.graph: {dropped} failed ({str(err).splitlines()[0][:200]}); "
+                                  "using the next path", stacklevel=2)
+                    if self.own_kernel:
+                        self.own_kernel = False
+                    elif self.flash:
+                        self.flash = False
+                    else:
+                        self.fused, self._pick, self._compiled = False, pick, None
+                    torch.cuda.synchronize(self.device)
+                    for k, v in saved.items():
+                        st[k].copy_(v)
             torch.cuda.current_stream(self.device).wait_stream(side)
             for k, v in saved.items():
                 st[k].copy_(v)

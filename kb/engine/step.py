@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from kb.engine.attention import attention_as
+from kb.engine.own_attention import own_half
 
 DECODE_ATTN = "kb_decode"  # name under which decode_attention is registered with transformers
 
@@ -66,16 +67,48 @@ def answer_end_rule(tokenizer: Any, model: Any) -> StopRule:
 class StepContext:
     """What decode_attention reads in one decoding step (set by `decode_step`, static buffers on CUDA)."""
 
-    kp: list[tuple[torch.Tensor, torch.Tensor]]  # per layer [G, Hkv, P, D]: the groups' prompt keys/values
-    kg: list[tuple[torch.Tensor, torch.Tensor]]  # per layer [B, Hkv, T, D]: every row's generated keys/values
+    kp: list[tuple[torch.Tensor, torch.Tensor]]  # per layer [G, P, Hkv, D]: the groups' prompt keys/values
+    kg: list[tuple[torch.Tensor, torch.Tensor]]  # per layer [B, T, Hkv, D]: every row's generated keys/values
     prompt_ok: torch.Tensor  # [G, 1, 1, P] bool
     own_ok: torch.Tensor  # [B, 1, 1, T] bool
-    step: torch.Tensor  # [B] long: where this step's key/value goes
+    step: torch.Tensor  # [B] long: where this step's key/value goes in its row
     rows: torch.Tensor  # [B] arange
     n: int
     fused: bool = False  # CUDA: the fused memory-efficient attention kernel for both halves
     prompt_bias: torch.Tensor | None = None  # [G, 1, 1, P] 0 / -inf (fused)
     own_bias: torch.Tensor | None = None  # [B, 1, 1, T] 0 / -inf (fused)
+    flash: FlashIndex | None = None  # CUDA bf16/fp16: flash attention over the used keys only (replaces fused)
+    write_at: torch.Tensor | None = None  # [B] long: row * T + step, this step's slot in the flattened [B * T] buffer
+
+
+@dataclass
+class FlashIndex:
+    """Where each varlen sequence of the flash path starts and how many keys it uses (int32, static buffers).
+
+    The buffers are [rows, length, Hkv, D], so row r's keys start at r * length; `seqused_k` tells the
+    kernel how many of them are real, so a step reads the prompt's true length and the tokens generated
+    so far, never the padding (the fused path reads whole buffers and masks them)."""
+
+    prompt_q: torch.Tensor  # [G + 1]: g * n (the n samples of group g query its prompt together)
+    prompt_k: torch.Tensor  # [G + 1]: g * P
+    prompt_used: torch.Tensor  # [G]: each prompt's length
+    own_q: torch.Tensor  # [B + 1]: r
+    own_k: torch.Tensor  # [B + 1]: r * T
+    own_used: torch.Tensor  # [B]: step + 1
+    own_kernel: bool = False  # the own half through kb.engine.own_attention's kernel instead of flash
+
+    @classmethod
+    def alloc(cls, g: int, n: int, p: int, t: int, device: torch.device, own_kernel: bool = False) -> FlashIndex:
+        i32 = dict(dtype=torch.int32, device=device)
+        b = g * n
+        return cls(torch.arange(g + 1, **i32) * n, torch.arange(g + 1, **i32) * p, torch.ones(g, **i32),
+                   torch.arange(b + 1, **i32), torch.arange(b + 1, **i32) * t, torch.ones(b, **i32), own_kernel)
+
+
+def flash_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether this torch build can run the flash path here (CUDA, half precision, a head size it supports)."""
+    return (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and head_dim % 8 == 0
+            and head_dim <= 256 and hasattr(torch.ops.aten, "_flash_attention_forward"))
 
 
 _ACTIVE: StepContext | None = None
@@ -146,9 +179,16 @@ def decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     rep, n, g = h // hkv, ctx.n, b // ctx.n
     scale = scaling if scaling is not None else d ** -0.5
     kg, vg = ctx.kg[module.layer_idx]
-    kg[ctx.rows, :, ctx.step] = key[:, :, 0]
-    vg[ctx.rows, :, ctx.step] = value[:, :, 0]
+    if ctx.write_at is not None:  # one contiguous row copy per sequence
+        kg.view(-1, hkv * d).index_copy_(0, ctx.write_at, key.reshape(b, hkv * d))
+        vg.view(-1, hkv * d).index_copy_(0, ctx.write_at, value.reshape(b, hkv * d))
+    else:
+        kg[ctx.rows, ctx.step] = key[:, :, 0]
+        vg[ctx.rows, ctx.step] = value[:, :, 0]
     kp, vp = ctx.kp[module.layer_idx]
+    if ctx.flash is not None:
+        return _flash_halves(ctx.flash, query, kp, vp, kg, vg, n, scale), None
+    kp, vp, kg, vg = (x.transpose(1, 2) for x in (kp, vp, kg, vg))  # [rows, Hkv, length, D] views
     qg = query.view(g, n, hkv, rep, d).permute(0, 2, 1, 3, 4).reshape(g, hkv, n * rep, d)
     if ctx.fused:
         return _fused_halves(ctx, query, qg, kp, vp, kg, vg, scale), None
@@ -186,5 +226,27 @@ def _fused_halves(ctx: StepContext, query: torch.Tensor, qg: torch.Tensor, kp: t
     op = op.view(g, hkv, n, rep, d).transpose(1, 2).reshape(b, hkv, rep, d)
     lp = lp[:, :, :nr].reshape(g, hkv, n, rep).transpose(1, 2).reshape(b, hkv, rep)
     share = torch.sigmoid(lp - lo[:, :, :rep])[..., None]  # the prompt's share of the softmax mass
+    out = torch.lerp(oo.float(), op.float(), share)
+    return out.to(query.dtype).reshape(b, 1, h, d)
+
+
+def _flash_halves(ix: FlashIndex, query: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, kg: torch.Tensor,
+                  vg: torch.Tensor, n: int, scale: float) -> torch.Tensor:
+    """Both halves as varlen flash attention: each group's n queries over its prompt, each row's query over
+    its own tokens so far; keys are read up to their used length (FlashIndex), heads grouped natively."""
+    b, h, _, d = query.shape
+    g, p, hkv, _ = kp.shape
+    t = kg.shape[1]
+    fa = torch.ops.aten._flash_attention_forward
+    q = query[:, :, 0]  # [B, H, D]: rows are group-major, so group g's n queries are contiguous
+    op, lp = fa(q, kp.view(g * p, hkv, d), vp.view(g * p, hkv, d), ix.prompt_q, ix.prompt_k, n, p, 0.0, False, False,
+                scale=scale, seqused_k=ix.prompt_used)[:2]
+    if ix.own_kernel:  # one query per (row, head): a matrix-vector kernel, not 64-row query tiles
+        oo, lo = own_half(q, kg, vg, ix.own_used, scale)
+        lo = lo.transpose(0, 1)
+    else:
+        oo, lo = fa(q, kg.view(b * t, hkv, d), vg.view(b * t, hkv, d), ix.own_q, ix.own_k, 1, t, 0.0, False, False,
+                    scale=scale, seqused_k=ix.own_used)[:2]
+    share = torch.sigmoid(lp - lo).transpose(0, 1)[..., None]  # [B, H, 1]: the prompt's share of the softmax mass
     out = torch.lerp(oo.float(), op.float(), share)
     return out.to(query.dtype).reshape(b, 1, h, d)

@@ -151,6 +151,7 @@ def _sft_config(recipe: Recipe, kind: str, ckpt_dir: Path, device: str) -> Any:
         save_strategy="steps", save_steps=recipe.save_steps, save_total_limit=recipe.save_total_limit,
         save_only_model=False,  # optimizer + scheduler + RNG state too, so a rerun resumes exactly
         eval_strategy="no", report_to="none", dataloader_num_workers=0, dataloader_pin_memory=device != "cpu",
+        include_num_input_tokens_seen="non_padding",  # the tokens trained on: tokens/s in kb_finetune.json
         # Data handling: LMFlow semantics (text_only: loss on all tokens, text2text: on the output only).
         max_length=recipe.max_length, truncation_mode="keep_start", packing=False, padding_free=False,
         completion_only_loss=kind == "text2text", dataset_text_field="text", shuffle_dataset=False,
@@ -294,7 +295,9 @@ def finetune(train_file: str | Path, recipe: Recipe, model: str, output_dir: str
         plot_loss(curve, out / "loss.png", f"{lm.label} | {recipe_name}\n{Path(train_file).name}")
         if ckpt_dir.exists() and not recipe.keep_checkpoints:
             shutil.rmtree(ckpt_dir)
+        tokens = int(trainer.state.num_input_tokens_seen)  # non-padding input tokens, resumed steps included
         meta.update(status="complete", steps=int(trainer.state.global_step), train_wall_s=round(wall, 1),
+                    tokens_seen=tokens, train_tokens_per_s=None if last else round(tokens / max(wall, 1e-9), 1),
                     train_loss=round(float(result.training_loss), 6),
                     first_loss=curve["loss"][0] if curve["loss"] else None,
                     last_loss=curve["loss"][-1] if curve["loss"] else None, resumed_from=Path(last).name if last else None)

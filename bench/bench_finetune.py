@@ -26,7 +26,7 @@ from typing import Any
 import common  # bench/common.py: puts the repo on sys.path, so it comes before kb
 
 from kb import finetune as ft
-from kb.errors import cli_main
+from kb.errors import KbError, cli_main
 from kb.io import write_json
 from kb.recipe import load_recipe, lora_layers
 from kb.tuned import META_FILE
@@ -79,7 +79,9 @@ def timing_file(dataset_split: str, n: int, path: Path) -> str:
     from kb.lmflow import write_dataset
     from kb.prompts import PromptFormat, prompt_for, render, rtuning_suffix, training_instance
 
-    dataset, split = dataset_split.split(":")
+    dataset, sep, split = dataset_split.partition(":")
+    if not (dataset and sep and split):
+        raise KbError(f"--make-from: expected dataset:split (e.g. mmlu:ID_train), got {dataset_split!r}")
     fmt = PromptFormat(prompt_for(dataset, "refuse"), 0, False)
     rows = [training_instance(render(q, fmt, []), f"{q.answer.rstrip('.')}." + rtuning_suffix(i % 2 == 0))
             for i, q in enumerate(load_split(dataset, split)[:n])]

@@ -2,7 +2,8 @@
 
 Why: in that half every (row, head) has a single query and its own keys, so it is a matrix-vector
 product. Flash attention tiles queries by 64-128, which for one query wastes that factor of its math:
-on a Llama-2-7B shape with 2,560 rows that half took most of a step's attention time (bench/README.md).
+on a Llama-2-7B shape with 2,560 rows flash attention (both halves, this one the larger) took 48% of a
+decoding step (bench/README.md, v4).
 Here one program per (row, head) reads the row's used keys and values once, in chunks, with an online
 softmax, and writes the output and its log-sum-exp (merged with the prompt half by kb.engine.step).
 Opt-in (Decoder(own_kernel=True), bench_open.py --own-kernel): its math is tested on CPU through Triton's

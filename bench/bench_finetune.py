@@ -92,14 +92,9 @@ def timing_file(dataset_split: str, n: int, path: Path) -> str:
 def random_checkpoint(shape: str, path: Path, device: str) -> str:
     """A random-init model of a real shape (bench/common.py RANDOM_INIT) saved with the bench tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    tok = AutoTokenizer.from_pretrained(common.TOKENIZER_DIR)
-    cfg = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, **common.RANDOM_INIT[shape])
     torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    model, tok = common.random_model(shape, device, "bfloat16" if device == "cuda" else "float32")
     model.save_pretrained(path)
     tok.save_pretrained(path)
     del model

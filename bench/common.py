@@ -58,18 +58,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
 
 
+def random_model(shape: str, device: str, dtype: str) -> tuple[Any, Any]:
+    """A random-init model of a RANDOM_INIT shape, built directly on `device`, and the bench tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    cfg = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, **RANDOM_INIT[shape])
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
+    return model, tok
+
+
 def load_subject(args: argparse.Namespace) -> Subject:
     """A kb-loaded model, or a random-init one built directly on the device (no CPU init of 7B weights)."""
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     torch.manual_seed(args.seed)
     if args.random_init:
-        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-        tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-        cfg = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                          eos_token_id=tok.eos_token_id, **RANDOM_INIT[args.random_init])
-        with torch.device(args.device):
-            model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
+        model, tok = random_model(args.random_init, args.device, dtype)
         model.eval()
         model.generation_config.pad_token_id = tok.pad_token_id
         return Subject(model, tok, f"random-init {args.random_init}", args.device, dtype)

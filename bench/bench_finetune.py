@@ -28,6 +28,7 @@ import common  # bench/common.py: puts the repo on sys.path, so it comes before 
 from kb import finetune as ft
 from kb.errors import KbError, cli_main
 from kb.io import write_json
+from kb.models import text_config
 from kb.recipe import load_recipe, lora_layers
 from kb.tuned import META_FILE
 
@@ -54,22 +55,19 @@ def run(trainer: str, args: argparse.Namespace, out: Path) -> dict:
 
 def flops_per_token(model: str, recipe: Any) -> tuple[float, int]:
     """Body matmul FLOPs per trained token under this recipe (see the module doc) and the body's parameters."""
-    from transformers import AutoConfig
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from kb.models import resolve_model
 
-    cfg = AutoConfig.from_pretrained(resolve_model(model)[0])
-    cfg = getattr(cfg, "text_config", None) or cfg
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    per_layer = (2 * cfg.hidden_size * cfg.num_attention_heads * hd + 2 * cfg.hidden_size * kv * hd
-                 + 3 * cfg.hidden_size * cfg.intermediate_size)
-    layers = cfg.num_hidden_layers
-    body = per_layer * layers
+    with torch.device("meta"):  # the shapes only: no weights are read or allocated
+        meta_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(model)[0]))
+    body = common.body_params(meta_model)
+    layers = int(text_config(meta_model).num_hidden_layers)
     if recipe.lora is None:
         return 6.0 * body, body
     lowest = min(lora_layers(recipe.lora.layers, layers) or range(layers))
-    return 2.0 * body + 2.0 * per_layer * (layers - lowest), body
+    return 2.0 * body + 2.0 * body / layers * (layers - lowest), body
 
 
 def timing_file(dataset_split: str, n: int, path: Path) -> str:
@@ -116,6 +114,8 @@ def main() -> None:
     p.add_argument("--out", default="bench/results/cpu/finetune_step.json")
     args = p.parse_args()
     trainers = args.trainers.split(",")
+    if not trainers or set(trainers) - {"trl", "kb"}:
+        raise KbError(f"--trainers: expected trl, kb or trl,kb, got {args.trainers!r}")
     source = args.train_file or f"timing file: {args.make_from}, first {args.instances} questions"
     with tempfile.TemporaryDirectory() as tmp:
         if args.train_file is None:

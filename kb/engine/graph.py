@@ -128,16 +128,17 @@ class StepGraph:
         pos = (st["plen"][st["group_of_row"]] + step)[:, None]
         x = model.get_input_embeddings()(st["tok"][:, None])
         pe = dec.rotary_emb(x, pos)
-        st["own_ok"].copy_((st["pos_t"][None, :] <= step[:, None])[:, None, None, :])
         flash = st["flash"] if self.flash else None
-        if flash is not None:
+        if flash is not None:  # used lengths instead of masks
             flash.own_kernel = self.own_kernel
             flash.own_used.copy_(step + 1)
             flash.prompt_used.copy_(st["plen"])
-        elif self.fused:
-            st["own_bias"].copy_(torch.zeros_like(st["own_bias"]).masked_fill_(~st["own_ok"], float("-inf")))
+        else:
+            st["own_ok"].copy_((st["pos_t"][None, :] <= step[:, None])[:, None, None, :])
+            if self.fused:
+                st["own_bias"].copy_(torch.zeros_like(st["own_bias"]).masked_fill_(~st["own_ok"], float("-inf")))
         ctx = StepContext(st["kp"], st["kg"], st["prompt_ok"], st["own_ok"], step, st["rows"], st["n"],
-                          self.fused, st.get("prompt_bias"), st.get("own_bias"), flash, st["rows"] * st["t"] + step)
+                          st["rows"] * st["t"] + step, self.fused, st.get("prompt_bias"), st.get("own_bias"), flash)
         with decode_step(model, ctx):
             for layer in dec.layers:
                 out = layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe)

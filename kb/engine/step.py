@@ -74,11 +74,11 @@ class StepContext:
     step: torch.Tensor  # [B] long: where this step's key/value goes in its row
     rows: torch.Tensor  # [B] arange
     n: int
+    write_at: torch.Tensor  # [B] long: row * T + step, this step's slot in the flattened [B * T] buffer
     fused: bool = False  # CUDA: the fused memory-efficient attention kernel for both halves
     prompt_bias: torch.Tensor | None = None  # [G, 1, 1, P] 0 / -inf (fused)
     own_bias: torch.Tensor | None = None  # [B, 1, 1, T] 0 / -inf (fused)
     flash: FlashIndex | None = None  # CUDA bf16/fp16: flash attention over the used keys only (replaces fused)
-    write_at: torch.Tensor | None = None  # [B] long: row * T + step, this step's slot in the flattened [B * T] buffer
 
 
 @dataclass
@@ -179,12 +179,8 @@ def decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     rep, n, g = h // hkv, ctx.n, b // ctx.n
     scale = scaling if scaling is not None else d ** -0.5
     kg, vg = ctx.kg[module.layer_idx]
-    if ctx.write_at is not None:  # one contiguous row copy per sequence
-        kg.view(-1, hkv * d).index_copy_(0, ctx.write_at, key.reshape(b, hkv * d))
-        vg.view(-1, hkv * d).index_copy_(0, ctx.write_at, value.reshape(b, hkv * d))
-    else:
-        kg[ctx.rows, ctx.step] = key[:, :, 0]
-        vg[ctx.rows, ctx.step] = value[:, :, 0]
+    kg.view(-1, hkv * d).index_copy_(0, ctx.write_at, key.reshape(b, hkv * d))  # one contiguous row per sequence
+    vg.view(-1, hkv * d).index_copy_(0, ctx.write_at, value.reshape(b, hkv * d))
     kp, vp = ctx.kp[module.layer_idx]
     if ctx.flash is not None:
         return _flash_halves(ctx.flash, query, kp, vp, kg, vg, n, scale), None

@@ -62,7 +62,8 @@ def run_ours(sub: common.Subject, prompts: list[str], groups: list[str], n_choic
     overhead = pass_overhead_tokens(sub.model) if mode in ("auto", "cascade") else pass_overhead_tokens(sub.model) // 20
     batches = plan_batches(seqs, groups, args.batch_size, budget, overhead_tokens=max(1, overhead))
     t2 = time.perf_counter()
-    scorer = PrefixScorer(sub.model, tok.pad_token_id, mode=mode)
+    base = mode.removesuffix("-unfused")  # e.g. "auto-unfused": transformers' layers, no fused kernels
+    scorer = PrefixScorer(sub.model, tok.pad_token_id, mode=base, fused_kernels=False if base != mode else None)
     logp = torch.empty(len(seqs), len(flat))
     jobs = (([seqs[i] for i in b.indices], b.prefix_len) for b in batches)
     for b, (lp, _) in zip(batches, scorer.score_many(jobs, flat)):
@@ -73,7 +74,8 @@ def run_ours(sub: common.Subject, prompts: list[str], groups: list[str], n_choic
     prefix = {b.group: b.prefix_len for b in batches}
     suffix = sum(len(seqs[i]) - b.prefix_len for b in batches for i in b.indices)
     padded = sum(len(b.indices) * (len(seqs[b.indices[0]]) - b.prefix_len) for b in batches)
-    return {"probs": probs, "logp": logp, "seqs": seqs, "mode": scorer.mode, "batches": len(batches),
+    label = scorer.mode + ("" if scorer.fusion.on else ", unfused")
+    return {"probs": probs, "logp": logp, "seqs": seqs, "mode": label, "batches": len(batches),
             "budget": budget, "overhead_tokens": overhead, "prefix_tokens": sum(prefix.values()), "suffix_tokens": suffix,
             "padded_suffix_tokens": padded, "t_tokenize": t1 - t0, "t_plan": t2 - t1, "t_score": t3 - t2,
             "t_letters": t4 - t3}
@@ -189,7 +191,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None, help="kb: questions per pass (default 512 cuda, 64 cpu)")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="kb: token budget (default: from free memory)")
     p.add_argument("--mode", default="auto", choices=["auto", "cascade", "view", "copy"], help="kb prefix path")
-    p.add_argument("--ablate", default="", help="comma-separated extra kb modes to time on the same questions")
+    p.add_argument("--ablate", default="", help="comma-separated extra kb modes to time on the same questions; "
+                   "a mode ending in -unfused runs without kb.engine.fused's kernels (e.g. auto-unfused)")
     p.add_argument("--fp32-check", type=int, default=0, help="GPU: recheck agreement on this many questions in fp32")
     p.add_argument("--profile", type=int, default=0, help="profile kb's first N passes (top kernels by device time)")
     args = p.parse_args()

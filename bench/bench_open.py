@@ -30,6 +30,7 @@ import torch
 from kb.data import load_split, shots_for, subset
 from kb.defaults import default_shots
 from kb.engine import (
+    Decoder,
     auto_token_budget,
     batch_seed,
     decode_texts,
@@ -50,11 +51,25 @@ def run_kb(sub: common.Subject, seqs: list[list[int]], n: int, max_new: int, tem
         texts, passes = run_ours(sub, seqs, n, max_new, temperature, do_sample, args)
         return texts, {"passes": passes}
     keys = [args.seed * 1_000_003 + i for i in range(len(seqs))]
+    dec = decoder_for(sub.model, sub.tokenizer.pad_token_id, generation_stop_ids(sub.model, sub.tokenizer),
+                      own_kernel=not args.flash_own_half)  # decode_texts below reuses this decoder
     texts, _ = decode_texts(sub.model, sub.tokenizer, seqs, max_new, n=n, temperature=temperature if do_sample else None,
                             keys=keys, want_scores=not do_sample)
-    dec = decoder_for(sub.model, sub.tokenizer.pad_token_id, generation_stop_ids(sub.model, sub.tokenizer),
-                      own_kernel=args.own_kernel)
     return texts, dict(dec.stats)
+
+
+def run_kb_unfused(sub: common.Subject, seqs: list[list[int]], n: int, max_new: int, temperature: float,
+                   args: argparse.Namespace) -> dict[str, Any]:
+    """The same sampling through the v4 decoder: flash attention for the own half, transformers' layers
+    (no kb.engine.fused kernels): what this version's kernels buy, in the same run."""
+    dec = Decoder(sub.model, sub.tokenizer.pad_token_id, generation_stop_ids(sub.model, sub.tokenizer),
+                  own_kernel=False, fused_kernels=False)
+    keys = [args.seed * 1_000_003 + i for i in range(len(seqs))]
+    try:
+        dec.run(seqs, max_new, n=n, temperature=temperature, keys=keys)
+    finally:
+        dec.release()
+    return dict(dec.stats)
 
 
 @torch.inference_mode()
@@ -168,8 +183,11 @@ def main() -> None:
     p.add_argument("--max-batch-tokens", type=int, default=None, help="legacy path: token budget (default: free memory)")
     p.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"],
                    help="auto: the tokenizer's chat template for a real model, none for a random-init one")
-    p.add_argument("--own-kernel", action="store_true",
-                   help="GPU: the decoder's own half through kb's Triton kernel (opt-in, kb.engine.own_attention)")
+    p.add_argument("--flash-own-half", action="store_true",
+                   help="GPU: the decoder's own half through flash attention instead of kb's Triton kernel "
+                        "(kb.engine.own_attention; the v4 path)")
+    p.add_argument("--unfused-ref", action="store_true",
+                   help="GPU: also time the v4 decoder (flash own half, transformers' layers) on the same questions")
     p.add_argument("--fp32-check", type=int, default=0, help="GPU: recheck greedy agreement on this many questions in fp32")
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
@@ -225,6 +243,12 @@ def main() -> None:
             lim = limits(sub, all_seqs, n, mx, peak, bw)
             out["sampling_limits"] = lim
             print_limits("sampling", lim, t_ours, peak, bw)
+        if args.unfused_ref and cuda:
+            run_kb_unfused(sub, all_seqs[:2], min(n, 2), 4, temp, args)  # its own capture, untimed like kb's warm-up
+            ustats, t_un, mem_un, _ = common.timed(
+                args.device, lambda: run_kb_unfused(sub, encode(sub.tokenizer, prompts, chat), n, mx, temp, args))
+            print(f"kb v4 decoder (flash own half, unfused layers): {t_un:.2f} s, {ustats}", flush=True)
+            row(f"kb v4 decoder: flash own half, unfused layers (N={n})", q, t_un, n * mx, t_ours, mem_un, stats=ustats)
         if args.legacy:
             (_, passes), t_leg, mem_leg, _ = common.timed(
                 args.device, lambda: run_ours(sub, encode(sub.tokenizer, prompts, chat), n, mx, temp, True, args))

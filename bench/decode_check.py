@@ -1,7 +1,9 @@
-"""On a GPU: kb.engine.decode's fast path (CUDA graph, fused attention, compiled sampler) against its plain path
-(eager step, reference attention, eager sampler) and one-at-a-time greedy generate(), fp32, tiny model; then in
-bf16 the flash path against the same with its own half by kb's Triton kernel (opt-in), the memory-efficient path
-and the plain one (rounding differs: agreement is reported).
+"""On a GPU: kb.engine.decode's fast path (CUDA graph, fused attention, compiled sampler, kb.engine.fused's
+element-wise kernels) against its plain path (eager step, reference attention, eager sampler, transformers'
+layers) and one-at-a-time greedy generate(), fp32, tiny model; then in bf16 the fused kernels against the eager
+ops they replace (exact equality expected up to one fp32 sum's order), and the default path (flash prompt half,
+kb's own-half kernel, fused kernels) against the flash own half, no fused kernels, the memory-efficient path and
+the plain one (rounding differs: agreement is reported).
 
     python bench/decode_check.py
 """
@@ -26,7 +28,7 @@ def main() -> None:
     seqs = [torch.randint(10, 4000, (int(n),), generator=g).tolist() for n in torch.randint(5, 90, (300,), generator=g)]
     stops = [2, 17, 33]
     fast = Decoder(model, 0, stops, slots=37)
-    plain = Decoder(model, 0, stops, slots=37, graphs=False, fused=False, compile_pick=False)
+    plain = Decoder(model, 0, stops, slots=37, graphs=False, fused=False, compile_pick=False, fused_kernels=False)
     keys = list(range(1000, 1300))
     a = fast.run(seqs, 20, n=4, temperature=0.9, keys=keys)
     b = plain.run(seqs, 20, n=4, temperature=0.9, keys=keys)
@@ -45,15 +47,47 @@ def main() -> None:
     bf16_paths(model.to(torch.bfloat16), seqs, stops, keys)
 
 
+def bf16_kernels(model) -> None:
+    """bf16: each fused kernel against the eager op it replaces, and the model's logits with and without them."""
+    import transformers.models.llama.modeling_llama as llama
+
+    from kb.engine.fused import fused_layers, rms_norm, rope, silu_mul
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2560, 4096, generator=g, **bf) * 2
+    norm = llama.LlamaRMSNorm(4096, eps=1e-5).to(**bf)
+    norm.weight.data = torch.randn(4096, generator=g, **bf)
+    gate, up = torch.randn(2560, 11008, generator=g, **bf) * 3, torch.randn(2560, 11008, generator=g, **bf)
+    q = torch.randn(2560, 1, 32, 128, generator=g, **bf).transpose(1, 2)
+    cos, sin = torch.randn(2560, 1, 128, generator=g, **bf), torch.randn(2560, 1, 128, generator=g, **bf)
+    pairs = {"rms_norm": (rms_norm(x, norm.weight, 1e-5), norm(x)),
+             "silu_mul": (silu_mul(gate, up), torch.nn.functional.silu(gate) * up),
+             "rope": (rope(q, cos, sin), llama.apply_rotary_pos_emb(q, q, cos, sin)[0])}
+    for name, (a, b) in pairs.items():
+        print(f"bf16 kernel {name}: {(a == b).float().mean().item():.6f} of elements identical to the eager op, "
+              f"max |diff| {(a.float() - b.float()).abs().max().item():.3g}")
+    ids = torch.randint(10, 4000, (16, 64), generator=g, device="cuda")
+    ref = model(ids).logits
+    with fused_layers(model):
+        out = model(ids).logits
+    print(f"bf16 logits with fused kernels: {(out == ref).float().mean().item():.4f} identical, max |diff| "
+          f"{(out.float() - ref.float()).abs().max().item():.3g}, same argmax "
+          f"{(out.argmax(-1) == ref.argmax(-1)).float().mean().item():.4f}")
+
+
 def bf16_paths(model, seqs, stops, keys) -> None:
-    """bf16: the flash path (used keys only) against the memory-efficient path and the plain path."""
-    flash = Decoder(model, 0, stops, slots=37)
-    paths = {"own-kernel": Decoder(model, 0, stops, slots=37, own_kernel=True),
-             "memory-efficient": Decoder(model, 0, stops, slots=37, flash=False),
-             "plain": Decoder(model, 0, stops, slots=37, graphs=False, fused=False, compile_pick=False)}
-    a = flash.run(seqs, 20, n=4, temperature=0.9, keys=keys)
-    ga = flash.run(seqs, 20, want_logps=True)
-    print(f"bf16 flash path: {flash.stats}")
+    """bf16: the default path (flash prompt half, own-half kernel, fused kernels) against the others."""
+    bf16_kernels(model)
+    base = Decoder(model, 0, stops, slots=37)
+    paths = {"flash own half": Decoder(model, 0, stops, slots=37, own_kernel=False),
+             "unfused layers": Decoder(model, 0, stops, slots=37, fused_kernels=False),
+             "memory-efficient": Decoder(model, 0, stops, slots=37, flash=False, fused_kernels=False),
+             "plain": Decoder(model, 0, stops, slots=37, graphs=False, fused=False, compile_pick=False,
+                              fused_kernels=False)}
+    a = base.run(seqs, 20, n=4, temperature=0.9, keys=keys)
+    ga = base.run(seqs, 20, want_logps=True)
+    print(f"bf16 default path: {base.stats}")
     for name, dec in paths.items():
         b = dec.run(seqs, 20, n=4, temperature=0.9, keys=keys)
         gb = dec.run(seqs, 20, want_logps=True)
@@ -61,7 +95,7 @@ def bf16_paths(model, seqs, stops, keys) -> None:
         same_g = sum(x[0].tokens == y[0].tokens for x, y in zip(ga, gb))
         dlp = max((abs(u - v) for x, y in zip(ga, gb) if x[0].tokens == y[0].tokens
                    for u, v in zip(x[0].logps, y[0].logps)), default=float("nan"))
-        print(f"bf16: flash = {name} path on {same}/{len(seqs) * 4} samples, {same_g}/{len(seqs)} greedy replies; "
+        print(f"bf16: default = {name} path on {same}/{len(seqs) * 4} samples, {same_g}/{len(seqs)} greedy replies; "
               f"max |d logp| on identical replies {dlp:.3g}")
 
 

@@ -24,7 +24,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--kernels", type=int, default=20, help="rows of the kernel table (0: no profile)")
-    p.add_argument("--own-kernel", action="store_true", help="the own half through kb's Triton kernel")
+    p.add_argument("--flash-own-half", action="store_true",
+                   help="the own half through flash attention instead of kb's Triton kernel (the v4 path)")
     p.add_argument("--fast-only", action="store_true", help="only the fast path (fused attention, compiled sampler)")
     args = p.parse_args()
     sub = common.load_subject(args)
@@ -35,7 +36,7 @@ def main() -> None:
     for fused, compiled in ((True, True),) if args.fast_only else ((True, True), (False, False)):
         if True:
             dec = Decoder(sub.model, sub.tokenizer.pad_token_id, stops, slots=args.questions, fused=fused,
-                          compile_pick=compiled, own_kernel=args.own_kernel)
+                          compile_pick=compiled, own_kernel=not args.flash_own_half)
             t0 = time.perf_counter()
             dec.run(seqs, args.max_new_tokens, n=args.samples, temperature=1.0)
             torch.cuda.synchronize()

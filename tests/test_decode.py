@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from kb.engine import Decoder, StopRule, pick, row_key
-from kb.testing import tiny_model, tiny_tokenizer
+from kb.testing import in_triton_interpreter, tiny_model, tiny_tokenizer
 
 PROMPTS = ["Question: What is the capital of France? Answer:", "I am sure.", "A. B. C. D. Answer: A",
            "There is a single choice question about history.", "Are you sure you accurately answered",
@@ -132,13 +127,7 @@ def test_flash_path_reads_the_used_keys_only(setup, monkeypatch, own_kernel):
     import kb.engine.graph as graph
 
     if own_kernel:
-        if importlib.util.find_spec("triton") is None:
-            pytest.skip("the own-half kernel needs Triton (its interpreter runs it on CPU)")
-        if os.environ.get("TRITON_INTERPRET") != "1":  # Triton reads it once, at import (torch imports Triton)
-            run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::"
-                                  "test_flash_path_reads_the_used_keys_only[triton_own_half]"],
-                                 env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
-            assert run.returncode == 0, run.stdout[-3000:]
+        if not in_triton_interpreter("tests/test_decode.py::test_flash_path_reads_the_used_keys_only[triton_own_half]"):
             return
         monkeypatch.setattr(graph, "triton_available", lambda *a: True)
     tok, model, seqs = setup

@@ -7,8 +7,9 @@
     greedy     GreedyDecoder: evaluation replies, first-step log-probs, the prompt's cache for a probe
     generation greedy_texts / sample_answers: transformers' generate on CPU, the device decoder on GPU
     decode     Decoder: the device decoder (slots, prefill, refill); graph: its buffers and captured step;
-               noise, step: its sampling and the step's attention and stop rule; own_attention: an
-               opt-in Triton kernel for the step's own half
+               noise, step: its sampling and the step's attention and stop rule; own_attention: the
+               Triton kernel of the step's own half (on CUDA)
+    fused      Triton kernels for the Llama family's RMSNorm, RoPE and SiLU·up (CUDA: the decoder, the scorer)
     driver     run_batches: the resumable, sharded batched pass every stage runs its callback in
 
 The stages (kb.probe, kb.state, kb.evaluate) import from here only.

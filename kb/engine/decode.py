@@ -69,11 +69,11 @@ class Decoder(StepGraph):
     def __init__(self, model: Any, pad_id: int, stop_ids: Sequence[int], *, graphs: bool | None = None,
                  slots: int | None = None, refill_fraction: float = 0.25, prefill_tokens: int | None = None,
                  fused: bool | None = None, compile_pick: bool | None = None, flash: bool | None = None,
-                 own_kernel: bool = False) -> None:
+                 own_kernel: bool = True, fused_kernels: bool | None = None) -> None:
         if not decoder_supported(model):
             raise ValueError(f"Decoder does not support model type {model.config.model_type!r}")
         super().__init__(model, stop_ids, graphs=graphs, fused=fused, compile_pick=compile_pick, flash=flash,
-                         own_kernel=own_kernel)
+                         own_kernel=own_kernel, fused_kernels=fused_kernels)
         self.asked_own_kernel = bool(own_kernel)
         self.pad_id = pad_id
         self.slots = slots
@@ -106,7 +106,7 @@ class Decoder(StepGraph):
             lens = torch.from_numpy(row_lens)
             ids, mask, lens = ids.to(self.device), mask.to(self.device), lens.to(self.device)
             pos = torch.arange(width, device=self.device)[None, :].expand(k, -1)
-            out = dec(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+            out = self.fusion.run(dec, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
             h = out.last_hidden_state[torch.arange(k, device=self.device), lens - 1]
             logits = model.get_output_embeddings()(h)
             if self._first is not None:  # the first step's log-probs, per question (GreedyDecoder's letter reading)
@@ -255,7 +255,7 @@ class Decoder(StepGraph):
         total = time.perf_counter() - t_start
         self.stats = {"slots": g, "rows": g * n, "steps": steps, "admissions": admitted, "prompt_width": p,
                       "graph": self.graphs, "fused_attention": self.fused, "flash_attention": self.flash,
-                      "own_kernel": self.own_kernel,
+                      "own_kernel": self.own_kernel, "fused_layers": self.fusion.on,
                       "compiled_sampler": self._pick is not pick,
                       "prefill_s": round(t_prefill, 3), "first_step_s": round(t_first, 3),
                       "other_steps_s": round(total - t_prefill - t_first, 3)}
@@ -288,11 +288,12 @@ class Decoder(StepGraph):
 _DECODERS: dict[int, Decoder] = {}
 
 
-def decoder_for(model: Any, pad_id: int, stop_ids: Sequence[int], *, own_kernel: bool = False) -> Decoder:
-    """One Decoder per model (its captured step and buffers are reused across batches)."""
+def decoder_for(model: Any, pad_id: int, stop_ids: Sequence[int], *, own_kernel: bool | None = None) -> Decoder:
+    """One Decoder per model (its captured step and buffers are reused across batches); `own_kernel` None keeps
+    the cached decoder's choice (a new one gets the default, the kernel where it runs)."""
     d = _DECODERS.get(id(model))
     if d is None or d.model is not model or d.pad_id != pad_id or d.stop_ids != sorted(set(stop_ids)) \
-            or d.dtype != next(model.parameters()).dtype or d.asked_own_kernel != own_kernel:
+            or d.dtype != next(model.parameters()).dtype or own_kernel not in (None, d.asked_own_kernel):
         _DECODERS.clear()
-        d = _DECODERS[id(model)] = Decoder(model, pad_id, stop_ids, own_kernel=own_kernel)
+        d = _DECODERS[id(model)] = Decoder(model, pad_id, stop_ids, own_kernel=own_kernel is not False)
     return d

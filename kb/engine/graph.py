@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from kb.engine.attention import decoder_stack, register_attention
+from kb.engine.fused import Fusion, fused_layers
 from kb.engine.memory import usable_cuda_bytes
 from kb.engine.noise import pick, vocab_term
 from kb.engine.own_attention import triton_available
@@ -38,15 +39,18 @@ class StepGraph:
 
     `graphs` (default: on CUDA) captures the step as a CUDA graph; `fused` (default: on CUDA) uses a fused
     attention kernel: flash attention over the used keys in half precision (`flash`, default: where
-    supported; `own_kernel` (opt-in, needs Triton): its own half through kb.engine.own_attention's
-    kernel), else the memory-efficient kernel over whole masked buffers (fp32);
-    `compile_pick` (default: on CUDA) compiles the sampler.
+    supported; `own_kernel` (default where Triton runs): its own half, this step's key/value write and the
+    merge through kb.engine.own_attention's kernel), else the memory-efficient kernel over whole masked buffers (fp32);
+    `compile_pick` (default: on CUDA) compiles the sampler; `fused_kernels` (default: where
+    kb.engine.fused supports the model) runs the layers' element-wise work as kb.engine.fused's kernels.
     """
 
     def __init__(self, model: Any, stop_ids: Sequence[int], *, graphs: bool | None = None, fused: bool | None = None,
-                 compile_pick: bool | None = None, flash: bool | None = None, own_kernel: bool = False) -> None:
+                 compile_pick: bool | None = None, flash: bool | None = None, own_kernel: bool = True,
+                 fused_kernels: bool | None = None) -> None:
         register_attention(DECODE_ATTN, decode_attention)
         self.model = model
+        self.fusion = Fusion(model, fused_kernels)  # RMSNorm, RoPE, SiLU·up as Triton kernels (CUDA, Llama family)
         self.stop_ids = sorted(set(stop_ids))
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -66,7 +70,6 @@ class StepGraph:
         self.vocab = model.get_output_embeddings().weight.shape[0]
         can_flash = self.fused and flash_supported(self.device, self.dtype, self.head_dim)
         self.flash = can_flash if flash is None else (flash and can_flash)
-        # Opt-in until it is timed on a GPU: the kernel's math is tested (Triton's interpreter), its speed is not.
         self.own_kernel = bool(own_kernel) and self.flash and triton_available(self.device, self.head_dim)
 
     # -------------------------------------------------------------- sizing
@@ -139,7 +142,7 @@ class StepGraph:
                 st["own_bias"].copy_(torch.zeros_like(st["own_bias"]).masked_fill_(~st["own_ok"], float("-inf")))
         ctx = StepContext(st["kp"], st["kg"], st["prompt_ok"], st["own_ok"], step, st["rows"], st["n"],
                           st["rows"] * st["t"] + step, self.fused, st.get("prompt_bias"), st.get("own_bias"), flash)
-        with decode_step(model, ctx):
+        with decode_step(model, ctx), fused_layers(model, self.fusion.on):
             for layer in dec.layers:
                 out = layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe)
                 x = out[0] if isinstance(out, tuple) else out
@@ -163,16 +166,19 @@ class StepGraph:
                         self._step(st)  # warm-up (allocator, lazy inits, the sampler's compile) before capture
                     break
                 except Exception as err:  # noqa: BLE001  (a kernel or compiler this machine lacks)
-                    if not (self.flash or self.fused or self._pick is not pick):
+                    if isinstance(err, torch.cuda.OutOfMemoryError) or not (
+                            self.flash or self.fused or self.fusion.on or self._pick is not pick):
                         raise
-                    # One step down at a time: the own-half kernel -> flash -> the memory-efficient kernel ->
-                    # plain attention and the eager sampler.
-                    dropped = ("the own-half kernel" if self.own_kernel else "flash attention" if self.flash
-                               else "the fast step")
+                    # One step down at a time: the own-half kernel -> the fused element-wise kernels -> flash
+                    # -> the memory-efficient kernel -> plain attention and the eager sampler.
+                    dropped = ("the own-half kernel" if self.own_kernel else "the fused kernels" if self.fusion.on
+                               else "flash attention" if self.flash else "the fast step")
                     warnings.warn(f"kb.engine.graph: {dropped} failed ({str(err).splitlines()[0][:200]}); "
                                   "using the next path", stacklevel=2)
                     if self.own_kernel:
                         self.own_kernel = False
+                    elif self.fusion.on:
+                        self.fusion.on = False
                     elif self.flash:
                         self.flash = False
                     else:

@@ -3,12 +3,14 @@
 Why: in that half every (row, head) has a single query and its own keys, so it is a matrix-vector
 product. Flash attention tiles queries by 64-128, which for one query wastes that factor of its math:
 on a Llama-2-7B shape with 2,560 rows flash attention (both halves, this one the larger) took 48% of a
-decoding step (bench/README.md, v4).
-Here one program per (row, head) reads the row's used keys and values once, in chunks, with an online
-softmax, and writes the output and its log-sum-exp (merged with the prompt half by kb.engine.step).
-Opt-in (Decoder(own_kernel=True), bench_open.py --own-kernel): its math is tested on CPU through Triton's
-interpreter (tests/test_decode.py), but it has not yet been timed or checked on a GPU (bench/decode_check.py
-does both). Where it fails to compile, kb.engine.graph falls back to flash attention for that half.
+decoding step (bench/README.md, v4); this kernel brought the step from 136.6 to 106.7 ms (v5).
+One program per (row, head) reads the row's earlier keys and values once, in chunks, with an online
+softmax; this step's key and value come in as registers, are written into the row's buffer (by the first
+query head of each key head) and join the softmax directly, so the step needs no separate scatter; the
+prompt half's output and log-sum-exp (flash attention's) are merged in the same program, so the output is
+the step's attention output in the model's dtype. Default where Triton and flash attention run
+(kb.engine.graph falls back to flash attention for this half when the kernel fails to compile); its math is
+tested on CPU through Triton's interpreter (tests/test_decode.py) and on a GPU by bench/decode_check.py.
 """
 
 from __future__ import annotations
@@ -34,20 +36,26 @@ def _kernel() -> Any:
         import triton.language as tl
 
         @triton.jit
-        def own_half_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, used_ptr, s_qb, s_qh, s_kb, s_kt, s_kh, s_ob, s_oh,
-                            n_heads, rep, scale, D: tl.constexpr, BLOCK_T: tl.constexpr):
+        def own_half_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, o_ptr, used_ptr,
+                            s_qb, s_qh, s_nb, s_nh, s_kb, s_kt, s_kh, s_pb, s_ph, s_lh, s_ob, s_oh,
+                            rep, scale, D: tl.constexpr, BLOCK_T: tl.constexpr):
             b = tl.program_id(0).to(tl.int64)  # row offsets can pass 2**31 elements
             h = tl.program_id(1)
             kvh = h // rep
-            used = tl.load(used_ptr + b)
+            last = tl.load(used_ptr + b) - 1  # this step's position in the row
             d = tl.arange(0, D)
             q = tl.load(q_ptr + b * s_qb + h * s_qh + d).to(tl.float32) * scale
-            m = tl.full([1], float("-inf"), tl.float32)
-            l_sum = tl.zeros([1], tl.float32)
-            acc = tl.zeros([D], tl.float32)
-            for start in range(0, used, BLOCK_T):
+            kn = tl.load(kn_ptr + b * s_nb + kvh * s_nh + d)
+            vn = tl.load(vn_ptr + b * s_nb + kvh * s_nh + d)
+            if h % rep == 0:  # one writer per key head; the readers below never read position `last`
+                tl.store(k_ptr + b * s_kb + last * s_kt + kvh * s_kh + d, kn)
+                tl.store(v_ptr + b * s_kb + last * s_kt + kvh * s_kh + d, vn)
+            m = tl.sum(kn.to(tl.float32) * q, axis=0)  # the new token's score starts the online softmax
+            l_sum = m * 0.0 + 1.0
+            acc = vn.to(tl.float32)
+            for start in range(0, last, BLOCK_T):
                 t = start + tl.arange(0, BLOCK_T)
-                ok = t < used
+                ok = t < last
                 at = b * s_kb + t[:, None] * s_kt + kvh * s_kh + d[None, :]
                 k = tl.load(k_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
                 s = tl.where(ok, tl.sum(k * q[None, :], axis=1), float("-inf"))
@@ -58,25 +66,34 @@ def _kernel() -> Any:
                 acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
                 l_sum = l_sum * alpha + tl.sum(p, axis=0)
                 m = m_new
-            tl.store(o_ptr + b * s_ob + h * s_oh + d, (acc / l_sum).to(o_ptr.dtype.element_ty))
-            tl.store(lse_ptr + b * n_heads + h + tl.arange(0, 1), m + tl.log(l_sum))
+            own = acc / l_sum
+            # Merge with the prompt half: its share of the softmax mass is sigmoid(lse_prompt - lse_own).
+            lse_own = m + tl.log(l_sum)
+            lse_prompt = tl.load(plse_ptr + h * s_lh + b)
+            share = 1.0 / (1.0 + tl.exp(lse_own - lse_prompt))
+            prompt = tl.load(po_ptr + b * s_pb + h * s_ph + d).to(tl.float32)
+            tl.store(o_ptr + b * s_ob + h * s_oh + d, (own + share * (prompt - own)).to(o_ptr.dtype.element_ty))
 
         _KERNEL = own_half_kernel
     return _KERNEL
 
 
-def own_half(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, used: torch.Tensor,
-             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, H, D]; k, v [B, T, Hkv, D] (D contiguous); used [B] int32 (>= 1 keys per row).
+def own_half_merged(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    used: torch.Tensor, prompt_out: torch.Tensor, prompt_lse: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """The step's attention output [B, H, D] (q's dtype), this step's key/value written into the buffers.
 
-    Returns the attention output [B, H, D] (q's dtype) and its log-sum-exp [B, H] (fp32, of the scaled
-    scores, as flash attention reports it)."""
+    q [B, H, D]; k_new, v_new [B, Hkv, D] (this step's, same strides); k, v [B, T, Hkv, D] (D contiguous);
+    used [B] int32 (this step's position + 1); prompt_out [B, H, D] and prompt_lse [H, B] fp32: the prompt
+    half's output and log-sum-exp of the scaled scores, as flash attention reports them."""
     b, h, d = q.shape
     t, hkv = k.shape[1], k.shape[2]
-    assert k.stride() == v.stride() and k.stride(-1) == 1 and q.stride(-1) == 1
+    assert k.stride() == v.stride() and k_new.stride() == v_new.stride() and prompt_lse.stride(1) == 1
+    assert k.stride(-1) == 1 and q.stride(-1) == 1 and k_new.stride(-1) == 1 and prompt_out.stride(-1) == 1
     out = torch.empty((b, h, d), dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, h), dtype=torch.float32, device=q.device)
     block = min(64, 1 << max(0, (t - 1).bit_length()))
-    _kernel()[(b, h)](q, k, v, out, lse, used, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-                      out.stride(0), out.stride(1), h, h // hkv, scale, D=d, BLOCK_T=max(block, 16))
-    return out, lse
+    _kernel()[(b, h)](q, k_new, v_new, k, v, prompt_out, prompt_lse, out, used,
+                      q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), k.stride(0), k.stride(1),
+                      k.stride(2), prompt_out.stride(0), prompt_out.stride(1), prompt_lse.stride(0),
+                      out.stride(0), out.stride(1), h // hkv, scale, D=d, BLOCK_T=max(block, 16))
+    return out

@@ -34,6 +34,7 @@ from kb.engine.attention import (
     shared_view,
     view_supported,
 )
+from kb.engine.fused import Fusion
 
 
 class _Pending:
@@ -88,10 +89,11 @@ class PrefixScorer:
 
     `mode`: "auto" (cascade where the model family allows it, else the KV view), "cascade", "view"
     (prefix keys/values broadcast and concatenated per layer) or "copy" (the prefix cache deep-copied and
-    repeated per batch: the slow path, kept as the reference and for unusual cache types).
+    repeated per batch: the slow path, kept as the reference and for unusual cache types). `fused_kernels`
+    (default: where kb.engine.fused supports the model) runs the layers' element-wise work as its kernels.
     """
 
-    def __init__(self, model: Any, pad_id: int, mode: str = "auto") -> None:
+    def __init__(self, model: Any, pad_id: int, mode: str = "auto", fused_kernels: bool | None = None) -> None:
         if mode not in {"auto", "cascade", "view", "copy"}:
             raise ValueError(f"unknown PrefixScorer mode {mode!r}")
         self.model = model
@@ -102,6 +104,7 @@ class PrefixScorer:
         elif mode == "cascade" and not cascade_supported(model):
             raise ValueError(f"cascade attention does not support model type {model.config.model_type!r}")
         self.mode = mode
+        self.fusion = Fusion(model, fused_kernels)  # RMSNorm, RoPE, SiLU·up as Triton kernels (CUDA, Llama family)
         if mode == "cascade":
             register_attention(CASCADE, cascade_attention)
         self._prefix_key: tuple[int, ...] | None = None
@@ -149,7 +152,7 @@ class PrefixScorer:
     def _launch(self, seqs: Sequence[Sequence[int]], prefix_len: int, candidate_ids: Sequence[int] | None,
                 want_hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         try:
-            return self._forward(seqs, prefix_len, candidate_ids, want_hidden)
+            return self.fusion.run(self._forward, seqs, prefix_len, candidate_ids, want_hidden)
         except torch.cuda.OutOfMemoryError:
             if len(seqs) == 1:
                 raise

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from kb.engine.attention import attention_as
-from kb.engine.own_attention import own_half
+from kb.engine.own_attention import own_half_merged
 
 DECODE_ATTN = "kb_decode"  # name under which decode_attention is registered with transformers
 
@@ -179,9 +179,11 @@ def decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     rep, n, g = h // hkv, ctx.n, b // ctx.n
     scale = scaling if scaling is not None else d ** -0.5
     kg, vg = ctx.kg[module.layer_idx]
+    kp, vp = ctx.kp[module.layer_idx]
+    if ctx.flash is not None and ctx.flash.own_kernel:  # the kernel writes this step's key/value itself
+        return _flash_own_kernel(ctx.flash, query, key, value, kp, vp, kg, vg, n, scale), None
     kg.view(-1, hkv * d).index_copy_(0, ctx.write_at, key.reshape(b, hkv * d))  # one contiguous row per sequence
     vg.view(-1, hkv * d).index_copy_(0, ctx.write_at, value.reshape(b, hkv * d))
-    kp, vp = ctx.kp[module.layer_idx]
     if ctx.flash is not None:
         return _flash_halves(ctx.flash, query, kp, vp, kg, vg, n, scale), None
     kp, vp, kg, vg = (x.transpose(1, 2) for x in (kp, vp, kg, vg))  # [rows, Hkv, length, D] views
@@ -226,23 +228,40 @@ def _fused_halves(ctx: StepContext, query: torch.Tensor, qg: torch.Tensor, kp: t
     return out.to(query.dtype).reshape(b, 1, h, d)
 
 
+def _prompt_half(ix: FlashIndex, q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, n: int,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's n queries over its prompt's used keys (varlen flash): output [B, H, D], lse [H, B]."""
+    g, p, hkv, d = kp.shape
+    fa = torch.ops.aten._flash_attention_forward
+    out, lse = fa(q, kp.view(g * p, hkv, d), vp.view(g * p, hkv, d), ix.prompt_q, ix.prompt_k, n, p, 0.0, False,
+                  False, scale=scale, seqused_k=ix.prompt_used)[:2]
+    return out, lse
+
+
 def _flash_halves(ix: FlashIndex, query: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, kg: torch.Tensor,
                   vg: torch.Tensor, n: int, scale: float) -> torch.Tensor:
     """Both halves as varlen flash attention: each group's n queries over its prompt, each row's query over
     its own tokens so far; keys are read up to their used length (FlashIndex), heads grouped natively."""
     b, h, _, d = query.shape
-    g, p, hkv, _ = kp.shape
-    t = kg.shape[1]
-    fa = torch.ops.aten._flash_attention_forward
+    hkv, t = kg.shape[2], kg.shape[1]
     q = query[:, :, 0]  # [B, H, D]: rows are group-major, so group g's n queries are contiguous
-    op, lp = fa(q, kp.view(g * p, hkv, d), vp.view(g * p, hkv, d), ix.prompt_q, ix.prompt_k, n, p, 0.0, False, False,
-                scale=scale, seqused_k=ix.prompt_used)[:2]
-    if ix.own_kernel:  # one query per (row, head): a matrix-vector kernel, not 64-row query tiles
-        oo, lo = own_half(q, kg, vg, ix.own_used, scale)
-        lo = lo.transpose(0, 1)
-    else:
-        oo, lo = fa(q, kg.view(b * t, hkv, d), vg.view(b * t, hkv, d), ix.own_q, ix.own_k, 1, t, 0.0, False, False,
-                    scale=scale, seqused_k=ix.own_used)[:2]
+    op, lp = _prompt_half(ix, q, kp, vp, n, scale)
+    oo, lo = torch.ops.aten._flash_attention_forward(
+        q, kg.view(b * t, hkv, d), vg.view(b * t, hkv, d), ix.own_q, ix.own_k, 1, t, 0.0, False, False,
+        scale=scale, seqused_k=ix.own_used)[:2]
     share = torch.sigmoid(lp - lo).transpose(0, 1)[..., None]  # [B, H, 1]: the prompt's share of the softmax mass
     out = torch.lerp(oo.float(), op.float(), share)
     return out.to(query.dtype).reshape(b, 1, h, d)
+
+
+def _flash_own_kernel(ix: FlashIndex, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kp: torch.Tensor,
+                      vp: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, n: int, scale: float) -> torch.Tensor:
+    """The prompt half by varlen flash attention; the own half, this step's key/value write and the merge
+    of the halves in kb.engine.own_attention's kernel (one query per row and head: a matrix-vector pass)."""
+    b, h, _, d = query.shape
+    q = query[:, :, 0]
+    op, lp = _prompt_half(ix, q, kp, vp, n, scale)
+    k_new, v_new = key[:, :, 0], value[:, :, 0]  # [B, Hkv, D]
+    if k_new.stride() != v_new.stride() or k_new.stride(-1) != 1:
+        k_new, v_new = k_new.contiguous(), v_new.contiguous()
+    return own_half_merged(q, k_new, v_new, kg, vg, ix.own_used, op, lp, scale).reshape(b, 1, h, d)

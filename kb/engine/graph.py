@@ -59,7 +59,7 @@ class StepGraph:
         self.fused = cuda if fused is None else fused
         self._compiled: Any = None
         if (cuda if compile_pick is None else compile_pick):
-            self._compiled = torch.compile(pick, dynamic=False)  # the noise and the Gumbel-max: one kernel
+            self._compiled = torch.compile(pick, dynamic=True)  # noise + Gumbel-max: one kernel, any row count
         self._pick: Any = pick
         self.memory_fraction = 0.7  # of free memory for the buffers (the step's temporaries are counted in)
         cfg = text_config(model)

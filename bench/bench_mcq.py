@@ -74,7 +74,7 @@ def run_ours(sub: common.Subject, prompts: list[str], groups: list[str], n_choic
     prefix = {b.group: b.prefix_len for b in batches}
     suffix = sum(len(seqs[i]) - b.prefix_len for b in batches for i in b.indices)
     padded = sum(len(b.indices) * (len(seqs[b.indices[0]]) - b.prefix_len) for b in batches)
-    label = scorer.mode + ("" if scorer.fusion.on else ", unfused")
+    label = scorer.mode + (", unfused" if base != mode else "")
     return {"probs": probs, "logp": logp, "seqs": seqs, "mode": label, "batches": len(batches),
             "budget": budget, "overhead_tokens": overhead, "prefix_tokens": sum(prefix.values()), "suffix_tokens": suffix,
             "padded_suffix_tokens": padded, "t_tokenize": t1 - t0, "t_plan": t2 - t1, "t_score": t3 - t2,

@@ -89,11 +89,25 @@ def test_scorer_and_decoder_through_the_fused_kernels():
 
 
 def test_fused_supported_only_where_the_kernels_compute_the_model():
-    llama = tiny_model()
+    llama, gemma = tiny_model(), tiny_model("gemma")
     assert not fused_supported(llama)  # CPU: transformers' layers
-    assert not fused_supported(tiny_model("gemma"), any_device=True)  # GELU MLP, (1 + w) norm: not this formula
+    assert not fused_supported(gemma, any_device=True)  # GELU MLP, (1 + w) norm: not this formula
+    assert not Fusion(gemma, enabled=True).on  # asking for the kernels never applies them where they are wrong
+    assert not Fusion(llama).on and not Fusion(llama, enabled=False).on
     with fused_layers(llama, enabled=False):
         assert all("forward" not in vars(m) for m in llama.modules())
+
+
+def test_fused_layers_undo_a_partial_patch():
+    """A model whose layers lack a piece fails inside fused_layers; what was patched before is undone."""
+    import kb.engine.fused as fused
+
+    model = tiny_model(layers=2)
+    del model.model.layers[1].mlp
+    with pytest.raises(AttributeError), fused_layers(model):
+        pass
+    assert all("forward" not in vars(m) for m in model.modules())
+    assert id(model.model) not in fused._ACTIVE  # and the next fused_layers on it patches again
 
 
 @torch.no_grad()
@@ -104,6 +118,7 @@ def test_fusion_falls_back_to_transformers_when_the_kernels_fail(monkeypatch):
         raise RuntimeError("no Triton backend for this machine")
 
     monkeypatch.setattr(fused, "_kernels", broken)
+    monkeypatch.setattr(fused, "fused_supported", lambda m, **k: True)  # as on a GPU with Triton
     model = tiny_model(seed=3)
     module = sys.modules[type(model.model.layers[0].self_attn).__module__]
     rotary = module.apply_rotary_pos_emb

@@ -191,34 +191,38 @@ def fused_layers(model: Any, enabled: bool = True) -> Iterator[None]:
         return
     _ACTIVE.add(id(dec))
     patched: list[Any] = []
-    for layer in dec.layers:
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            norm.forward = _norm_forward(norm)
-            patched.append(norm)
-        layer.mlp.forward = _mlp_forward(layer.mlp)
-        patched.append(layer.mlp)
-    dec.norm.forward = _norm_forward(dec.norm)
-    patched.append(dec.norm)
-    module = sys.modules[type(dec.layers[0].self_attn).__module__]
-    original = module.apply_rotary_pos_emb
-    module.apply_rotary_pos_emb = _rope_fn(original)
-    try:
+    module: Any = None
+    original: Any = None
+    try:  # everything patched so far is undone, whatever fails
+        for layer in dec.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.forward = _norm_forward(norm)
+                patched.append(norm)
+            layer.mlp.forward = _mlp_forward(layer.mlp)
+            patched.append(layer.mlp)
+        dec.norm.forward = _norm_forward(dec.norm)
+        patched.append(dec.norm)
+        module = sys.modules[type(dec.layers[0].self_attn).__module__]
+        original = module.apply_rotary_pos_emb
+        module.apply_rotary_pos_emb = _rope_fn(original)
         yield
     finally:
-        module.apply_rotary_pos_emb = original
+        if original is not None:
+            module.apply_rotary_pos_emb = original
         _ACTIVE.discard(id(dec))
         for m in patched:
             del m.forward  # the instance attribute; the class's forward shows through again
 
 
 class Fusion:
-    """Whether a caller's passes go through fused_layers: on where fused_supported (`enabled` None), and off
-    for good, with a warning, after a first pass that fails (a machine whose Triton cannot build the kernels).
+    """Whether a caller's passes go through fused_layers: by default where fused_supported; `enabled` True
+    also off CUDA (Triton's interpreter), never for a model the kernels do not compute; off for good, with a
+    warning, after a first pass that fails (a machine whose Triton cannot build the kernels).
     Out-of-memory errors pass through: the callers split their batches on them."""
 
     def __init__(self, model: Any, enabled: bool | None = None) -> None:
         self.model = model
-        self.on = fused_supported(model) if enabled is None else bool(enabled)
+        self.on = enabled is not False and fused_supported(model, any_device=bool(enabled))
         self.proven = False
 
     def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:

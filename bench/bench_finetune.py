@@ -39,23 +39,11 @@ def run(trainer: str, args: argparse.Namespace, out: Path) -> dict:
         from trl import SFTTrainer
 
         saved, ft.completion_loss_trainer = ft.completion_loss_trainer, lambda: SFTTrainer
-    from transformers.trainer_utils import SaveStrategy
-
     recipe, name = load_recipe(args.recipe, {"max_steps": args.steps, "logging_steps": 1})
-    sft_config = ft._sft_config
-
-    def no_checkpoints(*a: Any, **k: Any) -> Any:
-        # A timing run resumes nothing: without this the trainer writes a resumable checkpoint at its last step
-        # (a 7B full fine-tune: 13.5 GB of weights + 27 GB of AdamW state, past a 64 GB disk with the model).
-        cfg = sft_config(*a, **k)
-        cfg.save_strategy = SaveStrategy.NO
-        return cfg
-
-    ft._sft_config = no_checkpoints
-    try:
-        run_dir = ft.finetune(args.train_file, recipe, args.model, out / trainer, recipe_name=name, resume=False)
+    try:  # a timing run resumes nothing, so it writes no checkpoint
+        run_dir = ft.finetune(args.train_file, recipe, args.model, out / trainer, recipe_name=name, resume=False,
+                              checkpoints=False)
     finally:
-        ft._sft_config = sft_config
         if trainer == "trl":
             ft.completion_loss_trainer = saved
     meta = json.loads((run_dir / META_FILE).read_text())

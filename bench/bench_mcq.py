@@ -196,6 +196,11 @@ def main() -> None:
     p.add_argument("--fp32-check", type=int, default=0, help="GPU: recheck agreement on this many questions in fp32")
     p.add_argument("--profile", type=int, default=0, help="profile kb's first N passes (top kernels by device time)")
     args = p.parse_args()
+    modes = {"auto", "cascade", "view", "copy"}
+    bad = [m for m in args.ablate.split(",") if m and m.removesuffix("-unfused") not in modes]
+    if bad:
+        p.error(f"--ablate: unknown mode(s) {', '.join(bad)} (each one of {', '.join(sorted(modes))}, "
+                "optionally with -unfused)")
     cuda = args.device.startswith("cuda")
     args.batch_size = args.batch_size or (512 if cuda else 64)
     pc_bs = args.pc_batch_size or (32 if cuda else 8)

@@ -44,13 +44,18 @@ from kb.engine import (
 from kb.prompts import PromptFormat, budget_for, prompt_for, render, resolve_chat
 
 
+def question_keys(args: argparse.Namespace, count: int) -> list[int]:
+    """The sampling key of each question: the same in every kb row of a run, so they draw the same samples."""
+    return [args.seed * 1_000_003 + i for i in range(count)]
+
+
 def run_kb(sub: common.Subject, seqs: list[list[int]], n: int, max_new: int, temperature: float, do_sample: bool,
            args: argparse.Namespace) -> tuple[list[list[str]], dict[str, Any]]:
     """kb.engine.decode over all questions at once (the decoder sizes its slots from free memory)."""
     if not use_decoder(sub.model) and not args.decoder_on_cpu:
         texts, passes = run_ours(sub, seqs, n, max_new, temperature, do_sample, args)
         return texts, {"passes": passes}
-    keys = [args.seed * 1_000_003 + i for i in range(len(seqs))]
+    keys = question_keys(args, len(seqs))
     dec = decoder_for(sub.model, sub.tokenizer.pad_token_id, generation_stop_ids(sub.model, sub.tokenizer),
                       own_kernel=not args.flash_own_half)  # decode_texts below reuses this decoder
     texts, _ = decode_texts(sub.model, sub.tokenizer, seqs, max_new, n=n, temperature=temperature if do_sample else None,
@@ -64,9 +69,8 @@ def run_kb_unfused(sub: common.Subject, seqs: list[list[int]], n: int, max_new: 
     (no kb.engine.fused kernels): what this version's kernels buy, in the same run."""
     dec = Decoder(sub.model, sub.tokenizer.pad_token_id, generation_stop_ids(sub.model, sub.tokenizer),
                   own_kernel=False, fused_kernels=False)
-    keys = [args.seed * 1_000_003 + i for i in range(len(seqs))]
     try:
-        dec.run(seqs, max_new, n=n, temperature=temperature, keys=keys)
+        dec.run(seqs, max_new, n=n, temperature=temperature, keys=question_keys(args, len(seqs)))
     finally:
         dec.release()
     return dict(dec.stats)

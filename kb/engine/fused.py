@@ -2,8 +2,8 @@
 
 Why: transformers' eager layers spend a large share of a pass on element-wise work that reads and writes
 whole activations several times (RMSNorm's fp32 round trips, RoPE's rotate-half `cat`, SiLU then the
-product): about 28 ms of a 102-ms 7B decoding step over 2,560 rows (bench/README.md, v5) and about 30% of
-the MCQ scorer's passes (its profile). Each kernel here reads its inputs once and writes its output once,
+product): about 28 ms of a 136.6-ms 7B decoding step over 2,560 rows (bench/README.md, v4's profile) and
+about 30% of the MCQ scorer's passes (its H100 profile). Each kernel here reads its inputs once and writes its output once,
 and rounds each bf16 intermediate where transformers rounds it. Measured on an H200 in bf16
 (bench/decode_check.py): SiLU·up is identical to the eager op, RMSNorm on all but 1e-5 of elements (the
 order of one fp32 sum), RoPE on 76% (the rest one bf16 step apart: the compiler may fuse a product into

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,13 @@ from kb.distributed import setup as setup_dist
 from kb.engine import (
     Batch,
     PrefixScorer,
+    TokenStream,
     batch_seed,
-    encode,
     greedy_texts,
+    iter_batches,
     letter_candidates,
     letter_probs,
     pass_overhead_tokens,
-    plan_batches,
     question_key,
     run_batches,
     sample_answers,
@@ -81,14 +82,17 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
     # One writer per record file: a second run stops here, before it spends minutes loading the model.
     lock_output(rank_path(probe_records(data_dir(args.output_dir, model_label(args.model, args.adapter)), name)))
     dist = setup_dist()  # torchrun / accelerate launch: one rank per GPU, see kb/distributed.py
+    t_load = time.perf_counter()
     lm = load_model(args.model, dist.device(args.device), args.dtype, args.adapter, args.trust_remote_code,
                     revision=args.revision)
+    t_loaded = time.perf_counter()
     tok = lm.tokenizer
     args.batch_size = default_batch_size(args.batch_size, lm.device)
     chat = resolve_chat(args.chat_template, tok)
     fmt = PromptFormat(template, args.shots, chat)
     prompts = {s.id: render(s, fmt, shots[s.group], tok) for s in samples}
-    seqs = encode(tok, [prompts[s.id] for s in samples], chat)
+    groups = [s.group for s in samples] if spec.kind == "mcq" else [""] * len(samples)
+    seqs = TokenStream(tok, [prompts[s.id] for s in samples], chat, groups)  # subject by subject, in the background
 
     out_dir = data_dir(args.output_dir, lm.label)
     res_dir = results_dir(args.results_dir, lm.label)
@@ -104,9 +108,8 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
     start_records(rec_path, meta_path, meta, args.restart)
 
     budget = token_budget(lm, args.max_batch_tokens, generation=spec.kind == "open")
-    groups = [s.group for s in samples] if spec.kind == "mcq" else [""] * len(samples)
     copies = UNCERTAIN_SAMPLES if spec.kind == "open" and sample_uncertain else 1
-    batches = plan_batches(seqs, groups, args.batch_size, budget, share_prefix=spec.kind == "mcq", copies=copies,
+    batches = iter_batches(seqs, groups, args.batch_size, budget, share_prefix=spec.kind == "mcq", copies=copies,
                            extra_tokens=max_new_tokens if spec.kind == "open" else 0,
                            overhead_tokens=pass_overhead_tokens(lm.model) if spec.kind == "mcq" else None)
     scorer = PrefixScorer(lm.model, tok.pad_token_id)
@@ -121,7 +124,7 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
         return _open_records(lm, batch, bseqs, max_new_tokens, batch_seed(args.seed, b), sample_uncertain,
                              run_seed=args.seed)
 
-    def ahead(todo: list[Batch]) -> Iterator[Any]:  # MCQ: batches queued one ahead of the one being written (no GPU idle)
+    def ahead(todo: Iterable[Batch]) -> Iterator[Any]:  # MCQ: batches queued one ahead of the one being written (no GPU idle)
         return scorer.score_many((([seqs[i] for i in b.indices], b.prefix_len) for b in todo), flat)
 
     by_id = run_batches(rec_path, [s.id for s in samples], seqs, batches, work, desc=f"probe {name}", dist=dist,
@@ -129,6 +132,7 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
     if by_id is None:
         return {}  # not rank 0: rank 0 writes the outputs
     records = [by_id[s.id] for s in samples]
+    seconds = {"load": round(t_loaded - t_load, 2), "probe": round(time.perf_counter() - t_loaded, 2)}
 
     written = []
     for method in methods:
@@ -137,7 +141,7 @@ def run_probe(args: argparse.Namespace, dataset: str, split: str, template: str,
             path = rtuning_set(out_dir, method, name, kind == "text2text")
             write_dataset(path, make_dataset(kind, rows, {"method": method, "source": rec_path.name, **meta}))
             written.append(str(path))
-    summary = summarise(records, spec.kind, name, lm, fmt, written)
+    summary = {**summarise(records, spec.kind, name, lm, fmt, written), "seconds": seconds}  # this run's wall time
     sum_path = write_json(probe_summary(res_dir, name), {**summary, "meta": meta})
     print(summary["line"])
     if summary.get("note"):

@@ -15,6 +15,7 @@ kb/state_settings.py's, the prompts and shots kb/state_prompts.py's.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,11 @@ from kb.distributed import Dist
 from kb.engine import (
     Batch,
     PrefixScorer,
+    TokenStream,
     batch_seed,
-    encode,
+    iter_batches,
     letter_candidates,
     letter_probs,
-    plan_batches,
     question_key,
     run_batches,
     sample_answers,
@@ -105,7 +106,9 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
     query_ids = {s.id for s in samples}
     prompts = {s.id: render_query(s, fmt, query_shots(settings.dataset, settings.split, s, settings.shots, query_ids, data_root), tok)
                for s in samples}
-    seqs = encode(tok, [prompts[s.id] for s in samples], settings.chat)
+    groups = [s.group for s in samples] if kind == "mcq" else [""] * len(samples)
+    # Encoded subject by subject while the run starts: the first subject is scored while later ones encode.
+    seqs = TokenStream(tok, [prompts[s.id] for s in samples], settings.chat, groups)
 
     embedder, embedder_fp, embedder_path = None, None, None
     if kind == "open":
@@ -149,18 +152,18 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
     reps = open_memmap(npy, mode="r+")  # ranks write disjoint rows of the one file (same host)
 
     budget = token_budget(lm, max_batch_tokens, generation=kind == "open")
-    groups = [s.group for s in samples] if kind == "mcq" else [""] * len(samples)
     # Open answers: N sequences of up to max_new_tokens more per question are held at once.
-    batches = plan_batches(seqs, groups, settings.batch_size, budget, share_prefix=kind == "mcq",
+    batches = iter_batches(seqs, groups, settings.batch_size, budget, share_prefix=kind == "mcq",
                            copies=max(settings.n_samples, 1), extra_tokens=settings.max_new_tokens)
     scorer = PrefixScorer(lm.model, tok.pad_token_id)
     cands = letter_candidates(tok, max(len(s.choices) for s in samples), letter_rule(fmt)) if kind == "mcq" else []
+    flat = [t for c in cands for t in c]
 
-    def work(b: Batch, _: Any) -> list[dict[str, Any]]:
+    def work(b: Batch, scored: Any) -> list[dict[str, Any]]:
         batch = [samples[i] for i in b.indices]
         bseqs = [seqs[i] for i in b.indices]
         if kind == "mcq":
-            recs, hid = _mcq_batch(scorer, batch, bseqs, b.prefix_len, cands, settings.mcq_cer)
+            recs, hid = _mcq_records(batch, *scored, cands, settings.mcq_cer)
         else:
             recs, hid = _open_batch(lm, scorer, embedder, batch, bseqs, settings, batch_seed(settings.seed, b))
         rows = hid.numpy().astype(settings.rep_dtype)
@@ -170,8 +173,11 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
         reps.flush()  # representations first: a record on disk always has its row
         return recs
 
+    def ahead(todo: Iterable[Batch]) -> Iterator[Any]:  # MCQ: the next pass is queued before this one is written
+        return scorer.score_many((([seqs[i] for i in b.indices], b.prefix_len) for b in todo), flat, want_hidden=True)
+
     done = run_batches(rec_path, [s.id for s in samples], seqs, batches, work, desc=f"state {stem_of(rec_path)}", dist=dist,
-                       restart=fresh)  # every row is flushed before its record is written
+                       restart=fresh, ahead=ahead if kind == "mcq" else None)  # rows are flushed before their records
     if done is None:
         return None  # not rank 0: rank 0 validates and summarises the merged file
     state = load_state(rec_path)
@@ -187,10 +193,8 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
     return StateRun(state, summary, wall)
 
 
-def _mcq_batch(scorer: PrefixScorer, batch: list[Sample], seqs: list[list[int]], prefix_len: int,
-               cands: list[list[int]], mcq_cer: str) -> tuple[list[dict[str, Any]], Any]:
-    flat = [t for c in cands for t in c]
-    logp, hid = scorer.score(seqs, prefix_len, flat, want_hidden=True)
+def _mcq_records(batch: list[Sample], logp: Any, hid: Any, cands: list[list[int]],
+                 mcq_cer: str) -> tuple[list[dict[str, Any]], Any]:
     probs = letter_probs(logp, cands, [len(s.choices) for s in batch])
     out = []
     for s, p in zip(batch, probs):

@@ -90,6 +90,46 @@ def test_prefix_reuse_bucketing_and_padding_match_one_at_a_time(tok, arch):
             assert torch.allclose(hid, ref_hid, atol=1e-4), (mode, prefix_len)
 
 
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    """What varlen flash attention computes, sequence by sequence in fp32 (grouped heads expanded)."""
+    rep = q.shape[1] // k.shape[1]
+    outs, lses = [], []
+    for i in range(len(cu_q) - 1):
+        qs = q[cu_q[i]:cu_q[i + 1]].transpose(0, 1).float()
+        ks, vs = (x[cu_k[i]:cu_k[i + 1]].repeat_interleave(rep, 1).transpose(0, 1).float() for x in (k, v))
+        assert qs.shape[1] <= max_q and ks.shape[1] <= max_k
+        s = qs @ ks.transpose(-1, -2) * scale
+        if causal:
+            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+        lses.append(torch.logsumexp(s, -1))
+        outs.append((torch.softmax(s, -1) @ vs).transpose(0, 1))
+    return torch.cat(outs).to(q.dtype), torch.cat(lses, dim=1)
+
+
+def test_varlen_cascade_offsets_and_grouped_heads_match_one_at_a_time(tok, monkeypatch):
+    """The CUDA varlen path's plumbing (packed offsets, the prefix's [P, Hkv, D] layout, the merge) on CPU,
+    with flash attention replaced by its definition; the kernel itself is checked by bench_mcq on a GPU."""
+    from kb.engine import attention
+    from kb.engine import scorer as scorer_mod
+
+    monkeypatch.setattr(attention, "varlen_flash", reference_varlen)
+    monkeypatch.setattr(scorer_mod, "flash_supported", lambda *a: True)
+    model = tiny_model("llama", vocab_size=len(tok))
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    seqs = prompts(len(tok), seed=3)
+    ref_logp, ref_hid = one_at_a_time(model, seqs)
+    scorer = PrefixScorer(model, tok.pad_token_id, mode="cascade", varlen=True)
+    assert scorer.varlen
+    for prefix_len in (common_prefix_len(seqs), 0):
+        logp, hid = scorer.score(seqs, prefix_len, want_hidden=True)
+        assert torch.allclose(logp, ref_logp, atol=1e-5), prefix_len
+        assert torch.allclose(hid, ref_hid, atol=1e-4), prefix_len
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="flash attention"):
+        PrefixScorer(model, tok.pad_token_id, mode="cascade", varlen=True)  # CPU: no flash attention
+    assert not PrefixScorer(model, tok.pad_token_id, mode="cascade").varlen
+
+
 def test_letter_probs_sum_variants_and_renormalise():
     logp = torch.log(torch.tensor([[0.1, 0.2, 0.05, 0.05, 0.3, 0.1], [0.25, 0.25, 0.1, 0.1, 0.2, 0.1]]))
     cands = [[0, 1], [2], [3], [4, 5]]  # 'A' and ' A', ...
@@ -188,3 +228,6 @@ def test_generation_token_bytes_count_the_vocabulary_and_the_dtype():
     assert gen32 >= 2 * 4 * 262144 and gen32 - gen16 == 18 * 2 * 1 * 256 * 2
     assert token_bytes(gemma, 4, True) - token_bytes(small_vocab, 4, True) == 2 * 4 * (262144 - 32000)
     assert token_bytes(gemma, 4, False) < gen32 / 10  # scoring keeps one layer and no vocabulary-wide rows
+    # The device decoder holds logits per sequence (and sizes its own slots): only keys/values and activations.
+    assert token_bytes(gemma, 4, True, decoder=True) == token_bytes(small_vocab, 4, True, decoder=True) \
+        == gen32 - 2 * 4 * 262144

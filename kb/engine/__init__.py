@@ -1,6 +1,7 @@
 """kb's inference engine: the only place a model runs (fine-tuning aside, kb/finetune.py).
 
-    tokens     prompts to token ids; answer-letter, newline and stop token sets
+    tokens     prompts to token ids (TokenStream: in a background thread, group by group); answer-letter,
+               newline and stop token sets
     plan       batches: length-sorted, shared prefixes, token budgets (deterministic, so runs resume)
     attention  kb's own attention paths (cascade) and the models they reproduce exactly
     scorer     PrefixScorer: next-token log-probs at the end of each prompt (MCQ letters, p(sure))
@@ -29,19 +30,20 @@ from kb.engine.plan import (
     batch_seed,
     common_prefix_len,
     decode_step_tokens,
+    iter_batches,
     pass_overhead_tokens,
     plan_batches,
     token_budget,
 )
 from kb.engine.scorer import PrefixScorer, continuation_logprobs, letter_probs
 from kb.engine.step import StopRule, answer_end_rule
-from kb.engine.tokens import encode, generation_stop_ids, letter_candidates, newline_token_ids
+from kb.engine.tokens import TokenStream, encode, generation_stop_ids, letter_candidates, newline_token_ids
 
 __all__ = [
     "BATCH_OVERHEAD_TOKENS", "MIN_SHARED_PREFIX", "Batch", "Decoder", "GreedyDecoder", "PrefixScorer", "Reply",
-    "ShardedLog", "StopRule", "answer_end_rule", "auto_token_budget", "batch_seed", "cascade_supported",
+    "ShardedLog", "StopRule", "TokenStream", "answer_end_rule", "auto_token_budget", "batch_seed", "cascade_supported",
     "common_prefix_len", "continuation_logprobs", "decode_step_tokens", "decode_texts", "decoder_for",
-    "decoder_stack", "decoder_supported", "encode", "generate", "generation_stop_ids", "greedy_texts",
+    "decoder_stack", "decoder_supported", "encode", "generate", "generation_stop_ids", "greedy_texts", "iter_batches",
     "letter_candidates", "letter_probs", "newline_token_ids", "pass_overhead_tokens", "pick", "plain_attention_model",
     "plan_batches", "question_key", "register_attention", "row_key", "run_batches", "sample_answers", "shard",
     "shard_path", "token_budget", "use_decoder",

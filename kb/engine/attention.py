@@ -77,6 +77,12 @@ def plain_attention_model(model: Any, model_types: set[str] | frozenset[str]) ->
     return hasattr(dec, "layers") and model.get_output_embeddings() is not None
 
 
+def flash_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether this torch build can run the flash path here (CUDA, half precision, a head size it supports)."""
+    return (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and head_dim % 8 == 0
+            and head_dim <= 256 and hasattr(torch.ops.aten, "_flash_attention_forward"))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Cascade attention: softmax over [prefix keys ; own keys] computed as two attentions merged by LSE.
 
@@ -85,10 +91,14 @@ def plain_attention_model(model: Any, model_types: set[str] | frozenset[str]) ->
 class CascadeContext:
     """What cascade_attention reads for one packed batch (set by `cascade`, per forward pass)."""
 
-    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer: keys, values [1, H, P, D] (heads expanded)
-    dest: torch.Tensor  # [T]: where each packed token sits in the [rows * width] right-padded layout
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer: keys, values (layout: see `varlen`)
+    dest: torch.Tensor | None  # [T]: where each packed token sits in the [rows * width] right-padded layout
     rows: int
     width: int
+    # Varlen flash attention (CUDA, half precision): cu_seqlens [rows + 1] int32 of the packed suffixes,
+    # and of the prefix half ([0, T], [0, P]); the prefix is then [P, Hkv, D] (heads as stored), else
+    # [1, H, P, D] with heads expanded, and the suffixes go through the padded layout (`dest`).
+    varlen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 _ACTIVE: CascadeContext | None = None
@@ -108,7 +118,7 @@ def cascade(model: Any, ctx: CascadeContext) -> Iterator[None]:
 
 def _attn_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output [B, H, L, D] and its log-sum-exp [B, H, L] (fp32); causal is top-left aligned (L == S)."""
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256:
+    if flash_supported(q.device, q.dtype, q.shape[-1]):
         out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
         return out[0], out[1]
     if q.device.type == "cpu" and q.dtype == torch.float32:
@@ -126,24 +136,36 @@ def repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
+def varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                 max_q: int, max_k: int, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash attention over packed sequences: q [Tq, H, D], k/v [Tk, Hkv, D] (heads grouped natively),
+    sequence i = rows cu[i]:cu[i+1]; causal is top-left aligned. Output [Tq, H, D] and lse [H, Tq] (fp32)."""
+    out = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale)
+    return out[0], out[1]
+
+
 def cascade_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
                       **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers attention function for packed suffixes: [1, H, T, D], causal per question, all see the prefix.
 
-    The suffixes of a batch arrive concatenated (no padding goes through the projections and the MLP);
-    only for their own causal attention are they laid out right-padded, [rows, width], and back.
+    The suffixes of a batch arrive concatenated (no padding goes through the projections and the MLP).
+    On CUDA in half precision both halves are varlen flash attention over the packed tokens themselves;
+    elsewhere the suffixes' own attention runs laid out right-padded, [rows, width], and back.
     """
     ctx = _ACTIVE
     assert ctx is not None, "cascade attention runs only inside PrefixScorer"
     _, h, t, d = query.shape
     scale = scaling if scaling is not None else d ** -0.5
+    if ctx.varlen is not None:
+        return _cascade_varlen(ctx, module.layer_idx, query, key, value, scale), None
 
     def padded(x: torch.Tensor) -> torch.Tensor:  # [1, h', T, D] -> [rows, h', width, D]
         buf = x.new_zeros((ctx.rows * ctx.width, x.shape[1], d))
         buf.index_copy_(0, ctx.dest, x[0].transpose(0, 1))
         return buf.view(ctx.rows, ctx.width, x.shape[1], d).transpose(1, 2)
 
+    assert ctx.dest is not None
     out_pad, lse_pad = _attn_lse(padded(query), repeat_heads(padded(key), h), repeat_heads(padded(value), h), True, scale)
     out_s = out_pad.transpose(1, 2).reshape(ctx.rows * ctx.width, h, d).index_select(0, ctx.dest)  # [T, H, D]
     if ctx.prefix is None:
@@ -158,7 +180,20 @@ def cascade_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value
     return out, None
 
 
-_REGISTERED: set[str] = set()
+def _cascade_varlen(ctx: CascadeContext, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """Both halves as varlen flash attention on the packed tokens: no padded copies, no head expansion."""
+    assert ctx.varlen is not None
+    cu, cu_all, cu_prefix = ctx.varlen
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H(kv), D]: transformers' views, unpacked
+    t = q.shape[0]
+    out_s, lse_s = varlen_flash(q, k, v, cu, cu, ctx.width, ctx.width, True, scale)
+    if ctx.prefix is None:
+        return out_s[None]
+    pk, pv = ctx.prefix[layer]
+    out_p, lse_p = varlen_flash(q, pk, pv, cu_all, cu_prefix, t, pk.shape[0], False, scale)
+    share = torch.sigmoid(lse_p - lse_s).transpose(0, 1)[..., None]  # [T, H, 1]: the prefix's share of the mass
+    return torch.lerp(out_s, out_p.to(query.dtype), share.to(query.dtype))[None]
 
 
 def view_supported(cache: Any) -> bool:

@@ -9,7 +9,8 @@ rank 0 under torchrun (ShardedLog; kb.distributed says which rank a process is),
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,14 @@ from kb.io import RecordLog, iter_jsonl, write_jsonl
 Record = dict[str, Any]
 
 
-def run_batches(path: Path, ids: Sequence[str], seqs: Sequence[Sequence[int]], batches: Sequence[Batch],
+def run_batches(path: Path, ids: Sequence[str], seqs: Sequence[Sequence[int]], batches: Iterable[Batch],
                 work: Callable[[Batch, Any], list[Record]], *, desc: str, dist: Dist | None = None,
-                restart: bool = False, ahead: Callable[[list[Batch]], Iterator[Any]] | None = None,
+                restart: bool = False, ahead: Callable[[Iterable[Batch]], Iterator[Any]] | None = None,
                 ) -> dict[str, Record] | None:
     """Append the records of every question of `ids` not yet in `path`; return all records by id.
 
+    `batches` may be lazy (kb.engine.plan.iter_batches over a TokenStream: the first batches run while
+    later prompts are still being encoded); every question of `ids` is in exactly one batch.
     `work(batch, queued)` returns the batch's records (keyed "id"); a record already in the file is not
     written again. `ahead`, given the batches to run, yields one item per batch computed ahead of the one
     being written (PrefixScorer.score_many: the device never waits for Python); it arrives as `queued`
@@ -38,17 +41,28 @@ def run_batches(path: Path, ids: Sequence[str], seqs: Sequence[Sequence[int]], b
     decided what to keep of the final file).
     """
     dist = dist or Dist()
+    if dist.active:
+        batches = list(batches)  # sharding and the merge need the whole plan
     with ShardedLog(path, dist, restart=restart) as log:
-        todo = shard([b for b in batches if any(ids[i] not in log for i in b.indices)], dist, seqs)
-        bar = tqdm(total=len(ids), initial=len(ids) - sum(len(b.indices) for b in todo), desc=desc, unit="q")
-        queued = ahead(todo) if ahead is not None else None
+        todo: Iterable[Batch] = (b for b in batches if any(ids[i] not in log for i in b.indices))
+        if dist.active:
+            todo = shard(list(todo), dist, seqs)
+            initial = len(ids) - sum(ids[i] not in log for b in todo for i in b.indices)
+        else:
+            initial = sum(i in log for i in ids)
+        bar = tqdm(total=len(ids), initial=initial, desc=desc, unit="q")
+        queued = None
+        if ahead is not None:  # the look-ahead runs one pass of the same batches ahead of this loop
+            todo, lead = itertools.tee(todo)
+            queued = ahead(lead)
         for b in todo:
+            new = sum(ids[i] not in log for i in b.indices)
             for rec in work(b, next(queued) if queued is not None else None):
                 if rec["id"] not in log:
                     log.append(rec)
-            bar.update(len(b.indices))
+            bar.update(new)
         bar.close()
-    return log.finish(batches, ids)
+    return log.finish(batches, ids)  # type: ignore[arg-type]  # a list whenever the merge reads it
 
 
 def shard(batches: Sequence[Batch], d: Dist, token_lists: Sequence[Sequence[int]]) -> list[Batch]:

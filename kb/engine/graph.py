@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from kb.engine.attention import decoder_stack, register_attention
+from kb.engine.attention import decoder_stack, flash_supported, register_attention
 from kb.engine.fused import Fusion, fused_layers
 from kb.engine.memory import usable_cuda_bytes
 from kb.engine.noise import pick, vocab_term
@@ -29,7 +29,6 @@ from kb.engine.step import (
     decode_attention,
     decode_step,
     emit_tokens,
-    flash_supported,
 )
 from kb.models import text_config
 

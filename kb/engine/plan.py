@@ -10,13 +10,14 @@ exactly the batches an uninterrupted run would.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from kb.engine.attention import cascade_supported
+from kb.engine.decode import use_decoder
 from kb.engine.memory import usable_cuda_bytes
 from kb.models import LoadedModel, text_config
 
@@ -58,6 +59,19 @@ def plan_batches(
 ) -> list[Batch]:
     """Group by `groups` (subject), share each group's prefix, sort by length, cut under the budgets.
 
+    The whole plan as a list; `iter_batches` yields the same batches group by group (a group's batches
+    are known once its prompts are encoded, kb.engine.tokens.TokenStream).
+    """
+    return list(iter_batches(token_lists, groups, batch_size, max_batch_tokens, share_prefix, copies=copies,
+                             extra_tokens=extra_tokens, overhead_tokens=overhead_tokens))
+
+
+def iter_batches(
+    token_lists: Sequence[Sequence[int]], groups: Sequence[str], batch_size: int, max_batch_tokens: int,
+    share_prefix: bool = True, *, copies: int = 1, extra_tokens: int = 0, overhead_tokens: int | None = None,
+) -> Iterator[Batch]:
+    """plan_batches, lazily: groups in order of first appearance, each group's batches in plan order.
+
     A batch holds at most `batch_size` rows and `rows * copies * (longest + extra_tokens)` tokens at most
     `max_batch_tokens` (generation: `copies` samples per question, `extra_tokens` new tokens each); a
     single row is always allowed. Within those limits the cut points minimise padded suffix tokens plus a
@@ -71,14 +85,12 @@ def plan_batches(
     order: dict[str, list[int]] = {}
     for i, g in enumerate(groups):
         order.setdefault(g if share_prefix else "", []).append(i)
-    batches = []
     for g, idx in order.items():
         p = common_prefix_len([token_lists[i] for i in idx]) if share_prefix else 0
         idx = sorted(idx, key=lambda i: (-len(token_lists[i]), i))
         lengths = np.array([len(token_lists[i]) for i in idx], dtype=np.int64)
         for a, b in _cut_points(lengths, p, batch_size, max_batch_tokens, copies, extra_tokens, overhead):
-            batches.append(Batch(tuple(idx[a:b]), g, p))
-    return batches
+            yield Batch(tuple(idx[a:b]), g, p)
 
 
 def _cut_points(lengths: np.ndarray, prefix_len: int, batch_size: int, budget: int, copies: int,
@@ -117,16 +129,20 @@ def auto_token_budget(model: Any, *, generation: bool = False, fraction: float |
     if next(model.parameters()).device.type != "cuda":
         return 16384
     free = usable_cuda_bytes()  # with this process's cached, reusable blocks; KB_GPU_SHARE caps it
-    per_token = token_bytes(text_config(model), next(model.parameters()).dtype.itemsize, generation)
+    per_token = token_bytes(text_config(model), next(model.parameters()).dtype.itemsize, generation,
+                            decoder=generation and use_decoder(model))
     return max(512, int(free * fraction / per_token))
 
 
-def token_bytes(cfg: Any, itemsize: int, generation: bool) -> int:
+def token_bytes(cfg: Any, itemsize: int, generation: bool, decoder: bool = False) -> int:
     """GPU memory one token of a batch holds (auto_token_budget's unit), for weights of `itemsize` bytes.
 
-    Generation also keeps fp32 logits over the whole vocabulary for the tokens it scores (and a copy for
-    the sampling processors): with Gemma-3's 262k-token vocabulary that is 2 MB a token, more than all of
-    its keys and values; leaving it out let a state query on a shared GPU run out of memory."""
+    transformers' generate also keeps fp32 logits over the whole vocabulary for the tokens it scores (and
+    a copy for the sampling processors): with Gemma-3's 262k-token vocabulary that is 2 MB a token, more
+    than all of its keys and values; leaving it out let a state query on a shared GPU run out of memory.
+    The device decoder (`decoder`) holds logits per sequence, not per token, and sizes its own slots from
+    free memory (kb.engine.graph.fitting_slots), so its batches are cut by keys/values and activations only:
+    SmolLM2's ParaRel probe then runs in 2 batches instead of 10, each paying a graph capture and a tail."""
     layers = getattr(cfg, "num_hidden_layers", 32)
     kv_heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", 32)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -135,7 +151,7 @@ def token_bytes(cfg: Any, itemsize: int, generation: bool) -> int:
     act = 16 * cfg.hidden_size + 8 * inter  # the live activations of one token in one layer (bf16 + fp32 temps)
     if not generation:
         return 4 * kv_layer + act
-    return layers * kv_layer + act + 2 * 4 * getattr(cfg, "vocab_size", 32000)
+    return layers * kv_layer + act + (0 if decoder else 2 * 4 * getattr(cfg, "vocab_size", 32000))
 
 
 def pass_overhead_tokens(model: Any) -> int:

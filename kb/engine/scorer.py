@@ -29,6 +29,7 @@ from kb.engine.attention import (
     cascade_attention,
     cascade_supported,
     decoder_stack,
+    flash_supported,
     register_attention,
     repeat_heads,
     shared_view,
@@ -90,10 +91,13 @@ class PrefixScorer:
     `mode`: "auto" (cascade where the model family allows it, else the KV view), "cascade", "view"
     (prefix keys/values broadcast and concatenated per layer) or "copy" (the prefix cache deep-copied and
     repeated per batch: the slow path, kept as the reference and for unusual cache types). `fused_kernels`
-    (default: where kb.engine.fused supports the model) runs the layers' element-wise work as its kernels.
+    (default: where kb.engine.fused supports the model) runs the layers' element-wise work as its kernels;
+    `varlen` (default: where flash attention runs, CUDA in half precision) runs the cascade's attention as
+    varlen flash attention on the packed tokens instead of through a padded copy of each layer's q/k/v.
     """
 
-    def __init__(self, model: Any, pad_id: int, mode: str = "auto", fused_kernels: bool | None = None) -> None:
+    def __init__(self, model: Any, pad_id: int, mode: str = "auto", fused_kernels: bool | None = None,
+                 varlen: bool | None = None) -> None:
         if mode not in {"auto", "cascade", "view", "copy"}:
             raise ValueError(f"unknown PrefixScorer mode {mode!r}")
         self.model = model
@@ -105,6 +109,12 @@ class PrefixScorer:
             raise ValueError(f"cascade attention does not support model type {model.config.model_type!r}")
         self.mode = mode
         self.fusion = Fusion(model, fused_kernels)  # RMSNorm, RoPE, SiLU·up as Triton kernels (CUDA, Llama family)
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        can_varlen = flash_supported(self.device, next(model.parameters()).dtype, head_dim)
+        if varlen and not can_varlen:
+            raise ValueError("varlen cascade attention needs flash attention: CUDA, half precision")
+        self.varlen = mode == "cascade" and can_varlen and varlen is not False
         if mode == "cascade":
             register_attention(CASCADE, cascade_attention)
         self._prefix_key: tuple[int, ...] | None = None
@@ -121,7 +131,10 @@ class PrefixScorer:
             self._prefix_key, self._prefix_cache = key, out.past_key_values
             if self.mode == "view" and not view_supported(self._prefix_cache):
                 self.mode = "copy"
-            if self.mode == "cascade":
+            if self.mode == "cascade" and self.varlen:  # [P, Hkv, D]: flash groups the heads itself
+                self._prefix_kv = [(layer.keys[0].transpose(0, 1).contiguous(), layer.values[0].transpose(0, 1).contiguous())
+                                   for layer in self._prefix_cache.layers]
+            elif self.mode == "cascade":
                 heads = self.model.config.num_attention_heads
                 self._prefix_kv = [(repeat_heads(layer.keys, heads), repeat_heads(layer.values, heads))
                                    for layer in self._prefix_cache.layers]
@@ -224,11 +237,20 @@ class PrefixScorer:
         suffixes = [s[prefix_len:] for s in seqs]
         lens = np.fromiter((len(x) for x in suffixes), dtype=np.int64, count=len(suffixes))
         width = int(lens.max())
-        ids = torch.from_numpy(np.fromiter((t for x in suffixes for t in x), dtype=np.int64, count=int(lens.sum())))
+        total = int(lens.sum())
+        ids = torch.from_numpy(np.fromiter((t for x in suffixes for t in x), dtype=np.int64, count=total))
         pos = torch.from_numpy(np.concatenate([np.arange(n) for n in lens]) + prefix_len)
-        dest = torch.from_numpy(np.concatenate([r * width + np.arange(n) for r, n in enumerate(lens)]))
         last = torch.from_numpy(np.cumsum(lens) - 1)
-        with cascade(self.model, CascadeContext(prefix_kv, to_device(dest, self.device), len(seqs), width)):
+        if self.varlen:
+            cu = np.concatenate([[0], np.cumsum(lens), [0, total, 0, prefix_len]]).astype(np.int32)
+            offsets = to_device(torch.from_numpy(cu), self.device)  # one copy: the three offset lists are views
+            n = len(seqs) + 1
+            ctx = CascadeContext(prefix_kv, None, len(seqs), width,
+                                 varlen=(offsets[:n], offsets[n:n + 2], offsets[n + 2:n + 4]))
+        else:
+            dest = torch.from_numpy(np.concatenate([r * width + np.arange(n) for r, n in enumerate(lens)]))
+            ctx = CascadeContext(prefix_kv, to_device(dest, self.device), len(seqs), width)
+        with cascade(self.model, ctx):
             out = decoder_stack(self.model)(input_ids=to_device(ids[None], self.device),
                                             position_ids=to_device(pos[None], self.device), use_cache=False)
         h = out.last_hidden_state[0].index_select(0, to_device(last, self.device))

@@ -105,12 +105,6 @@ class FlashIndex:
                    torch.arange(b + 1, **i32), torch.arange(b + 1, **i32) * t, torch.ones(b, **i32), own_kernel)
 
 
-def flash_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether this torch build can run the flash path here (CUDA, half precision, a head size it supports)."""
-    return (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and head_dim % 8 == 0
-            and head_dim <= 256 and hasattr(torch.ops.aten, "_flash_attention_forward"))
-
-
 _ACTIVE: StepContext | None = None
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Sequence
 from typing import Any
 
 from kb.data import LETTERS
@@ -14,6 +17,69 @@ def encode(tokenizer: Any, prompts: list[str], chat: bool) -> list[list[int]]:
     One batched call: fast tokenizers encode the list in parallel (14k 5-shot MMLU prompts are ~10M tokens)."""
     ids = tokenizer(prompts, add_special_tokens=not chat)["input_ids"] if prompts else []
     return [x if isinstance(x, list) else list(x) for x in ids]
+
+
+class TokenStream(Sequence[list[int]]):
+    """`encode`'s token ids, produced group by group in a background thread while the caller uses the first.
+
+    Why: full MMLU 5-shot is ~10M prompt tokens, seconds of tokenisation that a GPU would otherwise wait
+    for; groups (subjects) are encoded in order of first appearance, the order kb.engine.plan's batches come
+    in, so the scorer starts on the first subject while the rest are encoded (fast tokenizers encode
+    outside the GIL). Reading a prompt waits for its group; an encoding error is raised to the reader.
+    """
+
+    def __init__(self, tokenizer: Any, prompts: Sequence[str], chat: bool, groups: Sequence[str] | None = None) -> None:
+        order: dict[str, list[int]] = {}
+        for i, g in enumerate(groups if groups is not None else [""] * len(prompts)):
+            order.setdefault(g, []).append(i)
+        self._chunks = list(order.values())
+        self._chunk_of = [0] * len(prompts)
+        for k, idx in enumerate(self._chunks):
+            for i in idx:
+                self._chunk_of[i] = k
+        self._ids: list[list[int] | None] = [None] * len(prompts)
+        self._ready = [threading.Event() for _ in self._chunks]
+        self._error: BaseException | None = None
+        self.seconds = 0.0  # the encoding thread's wall time, start to end (seen once `wait()` returns)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(tokenizer, prompts, chat), daemon=True,
+                                        name="kb-tokenize")
+        self._thread.start()
+
+    def _run(self, tokenizer: Any, prompts: Sequence[str], chat: bool) -> None:
+        t0 = time.perf_counter()
+        try:
+            for k, idx in enumerate(self._chunks):
+                for i, ids in zip(idx, encode(tokenizer, [prompts[i] for i in idx], chat)):
+                    self._ids[i] = ids
+                self._ready[k].set()
+        except BaseException as err:  # noqa: BLE001 - handed to the reader, who raises it
+            self._error = err
+        finally:
+            self.seconds = time.perf_counter() - t0
+            for ev in self._ready:
+                ev.set()
+            self._done.set()
+
+    def wait(self) -> TokenStream:
+        """Block until every prompt is encoded (raises the encoding error, if any)."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, i: int) -> list[int]:  # type: ignore[override]
+        ids = self._ids[i]
+        if ids is None:
+            self._ready[self._chunk_of[i]].wait()
+            if self._error is not None:
+                raise self._error
+            ids = self._ids[i]
+            assert ids is not None
+        return ids
 
 
 def letter_candidates(tokenizer: Any, n: int = len(LETTERS), rule: str = "summed_variants") -> list[list[int]]:

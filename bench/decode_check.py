@@ -51,7 +51,7 @@ def bf16_kernels(model) -> None:
     """bf16: each fused kernel against the eager op it replaces, and the model's logits with and without them."""
     import transformers.models.llama.modeling_llama as llama
 
-    from kb.engine.fused import fused_layers, rms_norm, rope, silu_mul
+    from kb.engine.fused import fused_layers, lse_merge, rms_norm, rope, silu_mul
 
     g = torch.Generator(device="cuda").manual_seed(0)
     bf = dict(device="cuda", dtype=torch.bfloat16)
@@ -61,9 +61,13 @@ def bf16_kernels(model) -> None:
     gate, up = torch.randn(2560, 11008, generator=g, **bf) * 3, torch.randn(2560, 11008, generator=g, **bf)
     q = torch.randn(2560, 1, 32, 128, generator=g, **bf).transpose(1, 2)
     cos, sin = torch.randn(2560, 1, 128, generator=g, **bf), torch.randn(2560, 1, 128, generator=g, **bf)
+    a, b = torch.randn(14000, 32, 128, generator=g, **bf), torch.randn(14000, 32, 128, generator=g, **bf)
+    la, lb = (torch.randn(32, 14000, generator=g, device="cuda") * 3 for _ in range(2))
     pairs = {"rms_norm": (rms_norm(x, norm.weight, 1e-5), norm(x)),
              "silu_mul": (silu_mul(gate, up), torch.nn.functional.silu(gate) * up),
-             "rope": (rope(q, cos, sin), llama.apply_rotary_pos_emb(q, q, cos, sin)[0])}
+             "rope": (rope(q, cos, sin), llama.apply_rotary_pos_emb(q, q, cos, sin)[0]),
+             # the cascade scorer's merge; its eager op rounds the share to bf16, the kernel keeps it in fp32
+             "lse_merge": (lse_merge(a, b, la, lb), torch.lerp(a, b, torch.sigmoid(lb - la).T[..., None].to(a.dtype)))}
     for name, (a, b) in pairs.items():
         print(f"bf16 kernel {name}: {(a == b).float().mean().item():.6f} of elements identical to the eager op, "
               f"max |diff| {(a.float() - b.float()).abs().max().item():.3g}")

@@ -25,7 +25,7 @@ def test_kernels_match_the_eager_ops():
         return
     import transformers.models.llama.modeling_llama as llama
 
-    from kb.engine.fused import rms_norm, rope, silu_mul
+    from kb.engine.fused import lse_merge, rms_norm, rope, silu_mul
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 7, 96, generator=g) * 3
@@ -43,6 +43,13 @@ def test_kernels_match_the_eager_ops():
     torch.testing.assert_close(rope(q, cos, sin), ref_q, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(rope(k, cos.expand(2, -1, -1), sin.expand(2, -1, -1)), ref_k, rtol=1e-6, atol=1e-6)
     assert rope(q, cos, sin).stride() == q.stride()  # the output keeps the input's layout
+    # The cascade scorer's merge of two attention halves ([T, H, D], log-sum-exps [H, T]); 6 heads: a partial block.
+    a, b = torch.randn(9, 6, 32, generator=g), torch.randn(9, 6, 32, generator=g)
+    la, lb = torch.randn(6, 9, generator=g) * 4, torch.randn(6, 9, generator=g) * 4
+    want = torch.lerp(a, b, torch.sigmoid(lb - la).transpose(0, 1)[..., None])
+    torch.testing.assert_close(lse_merge(a, b, la, lb), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse_merge(a, b, lb.T.contiguous().T, la), torch.lerp(a, b, torch.sigmoid(la - lb).T[..., None]),
+                               rtol=1e-6, atol=1e-6)  # strided log-sum-exps
 
 
 @torch.no_grad()

@@ -10,12 +10,15 @@ padded path, which broadcasts the prefix cache instead of copying it (`shared_vi
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from kb.engine.own_attention import triton_available
 
 CASCADE = "kb_cascade"  # name under which the cascade attention is registered with transformers
 # Model families whose CausalLM logits are exactly lm_head(last hidden state) and whose attention is
@@ -192,8 +195,28 @@ def _cascade_varlen(ctx: CascadeContext, layer: int, query: torch.Tensor, key: t
         return out_s[None]
     pk, pv = ctx.prefix[layer]
     out_p, lse_p = varlen_flash(q, pk, pv, cu_all, cu_prefix, t, pk.shape[0], False, scale)
+    return merge_halves(out_s, out_p, lse_s, lse_p)[None]
+
+
+_MERGE_KERNEL = [True]  # off for good after a first failure (a machine whose Triton cannot build the kernel)
+
+
+def merge_halves(out_s: torch.Tensor, out_p: torch.Tensor, lse_s: torch.Tensor, lse_p: torch.Tensor) -> torch.Tensor:
+    """The softmax over [prefix ; own keys] from its halves ([T, H, D] outputs, [H, T] log-sum-exps): a lerp
+    by the prefix's share of the mass; one Triton kernel on CUDA (kb.engine.fused.lse_merge), else torch."""
+    if _MERGE_KERNEL[0] and triton_available(out_s.device, out_s.shape[-1]):
+        from kb.engine.fused import lse_merge  # kb.engine.fused imports this module
+
+        try:
+            return lse_merge(out_s, out_p, lse_s, lse_p)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(f"kb.engine.attention: the merge kernel failed ({str(err).splitlines()[0][:200]}); "
+                          "using torch.lerp", stacklevel=2)
+            _MERGE_KERNEL[0] = False
     share = torch.sigmoid(lse_p - lse_s).transpose(0, 1)[..., None]  # [T, H, 1]: the prefix's share of the mass
-    return torch.lerp(out_s, out_p.to(query.dtype), share.to(query.dtype))[None]
+    return torch.lerp(out_s, out_p.to(out_s.dtype), share.to(out_s.dtype))
 
 
 def view_supported(cache: Any) -> bool:

@@ -72,10 +72,10 @@ def run_ours(sub: common.Subject, prompts: list[str], groups: list[str], n_choic
     t0 = time.perf_counter()
     stream = TokenStream(tok, prompts, chat=False, groups=groups)
     budget = args.max_batch_tokens or auto_token_budget(sub.model, generation=False)
-    overhead = pass_overhead_tokens(sub.model) if mode in ("auto", "cascade") else pass_overhead_tokens(sub.model) // 20
     base, flags = split_mode(mode)  # e.g. "auto-unfused": transformers' layers, no fused kernels
     scorer = PrefixScorer(sub.model, tok.pad_token_id, mode=base, fused_kernels=False if "unfused" in flags else None,
                           varlen=False if "padded" in flags else None)
+    overhead = pass_overhead_tokens(sub.model, cascade=scorer.mode == "cascade", varlen=scorer.varlen)
     batches: list[Batch] = []
 
     def jobs() -> Iterator[tuple[list[list[int]], int]]:

@@ -120,10 +120,15 @@ def test_varlen_cascade_offsets_and_grouped_heads_match_one_at_a_time(tok, monke
     ref_logp, ref_hid = one_at_a_time(model, seqs)
     scorer = PrefixScorer(model, tok.pad_token_id, mode="cascade", varlen=True)
     assert scorer.varlen
-    for prefix_len in (common_prefix_len(seqs), 0):
-        logp, hid = scorer.score(seqs, prefix_len, want_hidden=True)
-        assert torch.allclose(logp, ref_logp, atol=1e-5), prefix_len
-        assert torch.allclose(hid, ref_hid, atol=1e-4), prefix_len
+    p = common_prefix_len(seqs)
+    # A group's first batch runs its prefix in the same pass (no prefix pass); later batches read the stored
+    # keys/values; a new prefix replaces them; and no prefix at all.
+    for part, prefix_len in ((slice(0, 4), p), (slice(4, None), p), (slice(None), p - 3), (slice(None), 0)):
+        logp, hid = scorer.score(seqs[part], prefix_len, want_hidden=True)
+        assert torch.allclose(logp, ref_logp[part], atol=1e-5), (part, prefix_len)
+        assert torch.allclose(hid, ref_hid[part], atol=1e-4), (part, prefix_len)
+        assert prefix_len == 0 or len(scorer._prefix_kv) == model.config.num_hidden_layers
+        assert prefix_len == 0 or scorer._prefix_kv[0][0].shape[0] == prefix_len
     monkeypatch.undo()
     with pytest.raises(ValueError, match="flash attention"):
         PrefixScorer(model, tok.pad_token_id, mode="cascade", varlen=True)  # CPU: no flash attention

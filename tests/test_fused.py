@@ -50,6 +50,8 @@ def test_kernels_match_the_eager_ops():
     torch.testing.assert_close(lse_merge(a, b, la, lb), want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(lse_merge(a, b, lb.T.contiguous().T, la), torch.lerp(a, b, torch.sigmoid(la - lb).T[..., None]),
                                rtol=1e-6, atol=1e-6)  # strided log-sum-exps
+    a2 = a.clone()
+    assert lse_merge(a2, b, la, lb, out=a2) is a2 and torch.allclose(a2, want, rtol=1e-6, atol=1e-6)  # in place
 
 
 @torch.no_grad()

@@ -102,6 +102,10 @@ class CascadeContext:
     # and of the prefix half ([0, T], [0, P]); the prefix is then [P, Hkv, D] (heads as stored), else
     # [1, H, P, D] with heads expanded, and the suffixes go through the padded layout (`dest`).
     varlen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # Varlen only: the prefix's own `fresh_prefix` tokens lead the packed input (sequence 0, positions 0..P-1)
+    # instead of coming from a cache; each layer's prefix keys/values are copied into `store` for later batches.
+    fresh_prefix: int = 0
+    store: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 _ACTIVE: CascadeContext | None = None
@@ -185,30 +189,46 @@ def cascade_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value
 
 def _cascade_varlen(ctx: CascadeContext, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     scale: float) -> torch.Tensor:
-    """Both halves as varlen flash attention on the packed tokens: no padded copies, no head expansion."""
+    """Both halves as varlen flash attention on the packed tokens: no padded copies, no head expansion.
+
+    With `fresh_prefix` P the prefix itself is sequence 0 of the pass (its causal attention is the own
+    half's first sequence) and the suffixes' prefix half reads its keys/values from this very layer, so a
+    new group needs no pass of its own for the prefix (a small, inefficient pass per subject)."""
     assert ctx.varlen is not None
     cu, cu_all, cu_prefix = ctx.varlen
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H(kv), D]: transformers' views, unpacked
-    t = q.shape[0]
     out_s, lse_s = varlen_flash(q, k, v, cu, cu, ctx.width, ctx.width, True, scale)
-    if ctx.prefix is None:
+    p = ctx.fresh_prefix
+    if p:
+        pk, pv = k[:p].contiguous(), v[:p].contiguous()  # copies: a view would keep the pass's k/v alive
+        assert ctx.store is not None and len(ctx.store) == layer
+        ctx.store.append((pk, pv))
+    elif ctx.prefix is not None:
+        pk, pv = ctx.prefix[layer]
+    else:
         return out_s[None]
-    pk, pv = ctx.prefix[layer]
-    out_p, lse_p = varlen_flash(q, pk, pv, cu_all, cu_prefix, t, pk.shape[0], False, scale)
-    return merge_halves(out_s, out_p, lse_s, lse_p)[None]
+    qs = q[p:]
+    out_p, lse_p = varlen_flash(qs, pk, pv, cu_all, cu_prefix, qs.shape[0], pk.shape[0], False, scale)
+    if not p:
+        return merge_halves(out_s, out_p, lse_s, lse_p)[None]
+    rest = out_s[p:]
+    merge_halves(rest, out_p, lse_s[:, p:], lse_p, out=rest)  # in place; the prefix's rows are its own attention
+    return out_s[None]
 
 
 _MERGE_KERNEL = [True]  # off for good after a first failure (a machine whose Triton cannot build the kernel)
 
 
-def merge_halves(out_s: torch.Tensor, out_p: torch.Tensor, lse_s: torch.Tensor, lse_p: torch.Tensor) -> torch.Tensor:
+def merge_halves(out_s: torch.Tensor, out_p: torch.Tensor, lse_s: torch.Tensor, lse_p: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """The softmax over [prefix ; own keys] from its halves ([T, H, D] outputs, [H, T] log-sum-exps): a lerp
-    by the prefix's share of the mass; one Triton kernel on CUDA (kb.engine.fused.lse_merge), else torch."""
+    by the prefix's share of the mass; one Triton kernel on CUDA (kb.engine.fused.lse_merge), else torch.
+    `out` may be `out_s` (in place)."""
     if _MERGE_KERNEL[0] and triton_available(out_s.device, out_s.shape[-1]):
         from kb.engine.fused import lse_merge  # kb.engine.fused imports this module
 
         try:
-            return lse_merge(out_s, out_p, lse_s, lse_p)
+            return lse_merge(out_s, out_p, lse_s, lse_p, out=out)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as err:  # noqa: BLE001
@@ -216,7 +236,9 @@ def merge_halves(out_s: torch.Tensor, out_p: torch.Tensor, lse_s: torch.Tensor, 
                           "using torch.lerp", stacklevel=2)
             _MERGE_KERNEL[0] = False
     share = torch.sigmoid(lse_p - lse_s).transpose(0, 1)[..., None]  # [T, H, 1]: the prefix's share of the mass
-    return torch.lerp(out_s, out_p.to(out_s.dtype), share.to(out_s.dtype))
+    if out is None:
+        return torch.lerp(out_s, out_p.to(out_s.dtype), share.to(out_s.dtype))
+    return torch.lerp(out_s, out_p.to(out_s.dtype), share.to(out_s.dtype), out=out)
 
 
 def view_supported(cache: Any) -> bool:

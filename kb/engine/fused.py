@@ -147,12 +147,14 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def lse_merge(a: torch.Tensor, b: torch.Tensor, lse_a: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+def lse_merge(a: torch.Tensor, b: torch.Tensor, lse_a: torch.Tensor, lse_b: torch.Tensor,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention over the union of two key sets from its halves: a, b [T, H, D] (D a power of two,
     contiguous) with log-sum-exps lse_a, lse_b [H, T] (fp32, flash attention's layout) -> [T, H, D] in a's dtype;
-    lerp(a, b, sigmoid(lse_b - lse_a)) in fp32, one read of each input (the cascade scorer's merge)."""
+    lerp(a, b, sigmoid(lse_b - lse_a)) in fp32, one read of each input (the cascade scorer's merge).
+    `out` may be `a` itself (each element is read before it is written)."""
     t, h, d = a.shape
-    out = torch.empty_like(a)
+    out = torch.empty_like(a) if out is None else out
     hb = min(8, _pow2(h))
     if a.numel():
         _kernels()["lse_merge"][(t, -(-h // hb))](

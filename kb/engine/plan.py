@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from kb.engine.attention import cascade_supported
+from kb.engine.attention import cascade_supported, flash_supported
 from kb.engine.decode import use_decoder
 from kb.engine.memory import usable_cuda_bytes
 from kb.models import LoadedModel, text_config
@@ -154,19 +154,26 @@ def token_bytes(cfg: Any, itemsize: int, generation: bool, decoder: bool = False
     return layers * kv_layer + act + (0 if decoder else 2 * 4 * getattr(cfg, "vocab_size", 32000))
 
 
-def pass_overhead_tokens(model: Any) -> int:
+def pass_overhead_tokens(model: Any, *, cascade: bool | None = None, varlen: bool | None = None) -> int:
     """plan_batches' fixed cost of one scoring pass on this model and device, in padded suffix tokens.
 
     Calibrated on an H100 with a 7B model (bench/README.md): a pass costs ~0.43 ms per layer beyond its
     tokens, a token ~2 x params / 5e14 s (CPU: ~0.2 ms per layer, 1e11 FLOP/s). Under the cascade path
-    padding only enters the suffixes' own attention, about 1/20 of a token's cost, so passes weigh 20x more.
+    (`cascade`, default: where the scorer takes it) padding only enters the suffixes' own attention, about
+    1/20 of a token's cost, so passes weigh 20x more; with varlen flash attention (`varlen`, default: where
+    it runs, kb.engine.scorer) padding enters nothing, so batches are cut as large as the budgets allow.
     """
     cfg = text_config(model)
-    cuda = next(model.parameters()).device.type == "cuda"
+    first = next(model.parameters())
+    cuda = first.device.type == "cuda"
+    cascade = cascade_supported(model) if cascade is None else cascade
+    if varlen is None:
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        varlen = cascade and flash_supported(first.device, first.dtype, head_dim)
     params = sum(p.numel() for p in model.parameters())
     per_pass = getattr(cfg, "num_hidden_layers", 32) * (0.43e-3 if cuda else 0.2e-3)
     per_token = 2 * params / (5e14 if cuda else 1e11)
-    tokens = per_pass / per_token * (20 if cascade_supported(model) else 1)
+    tokens = per_pass / per_token * (1000 if cascade and varlen else 20 if cascade else 1)
     return int(min(max(tokens, 1), 1 << 20))
 
 

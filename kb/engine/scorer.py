@@ -230,22 +230,30 @@ class PrefixScorer:
 
     def _forward_cascade(self, seqs: Sequence[Sequence[int]], prefix_len: int, candidate_ids: Sequence[int] | None,
                          want_hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        prefix_kv = None
-        if prefix_len:
+        prefix_kv, fresh = None, 0
+        if prefix_len and self.varlen and tuple(seqs[0][:prefix_len]) != self._prefix_key:
+            fresh = prefix_len  # a new group: its prefix runs in this pass, ahead of the suffixes
+            self._prefix_key = self._prefix_kv = None  # free the old group's keys/values first
+        elif prefix_len:
             self._prefix(seqs[0][:prefix_len])
             prefix_kv = self._prefix_kv
         suffixes = [s[prefix_len:] for s in seqs]
+        if fresh:
+            suffixes = [seqs[0][:prefix_len], *suffixes]
         lens = np.fromiter((len(x) for x in suffixes), dtype=np.int64, count=len(suffixes))
         width = int(lens.max())
         total = int(lens.sum())
         ids = torch.from_numpy(np.fromiter((t for x in suffixes for t in x), dtype=np.int64, count=total))
         pos = torch.from_numpy(np.concatenate([np.arange(n) for n in lens]) + prefix_len)
-        last = torch.from_numpy(np.cumsum(lens) - 1)
+        if fresh:
+            pos[:prefix_len] -= prefix_len
+        last = torch.from_numpy(np.cumsum(lens)[1 if fresh else 0:] - 1)
+        store: list[tuple[torch.Tensor, torch.Tensor]] = []
         if self.varlen:
-            cu = np.concatenate([[0], np.cumsum(lens), [0, total, 0, prefix_len]]).astype(np.int32)
+            cu = np.concatenate([[0], np.cumsum(lens), [0, total - fresh, 0, prefix_len]]).astype(np.int32)
             offsets = to_device(torch.from_numpy(cu), self.device)  # one copy: the three offset lists are views
-            n = len(seqs) + 1
-            ctx = CascadeContext(prefix_kv, None, len(seqs), width,
+            n = len(suffixes) + 1
+            ctx = CascadeContext(prefix_kv, None, len(suffixes), width, fresh_prefix=fresh, store=store,
                                  varlen=(offsets[:n], offsets[n:n + 2], offsets[n + 2:n + 4]))
         else:
             dest = torch.from_numpy(np.concatenate([r * width + np.arange(n) for r, n in enumerate(lens)]))
@@ -253,6 +261,8 @@ class PrefixScorer:
         with cascade(self.model, ctx):
             out = decoder_stack(self.model)(input_ids=to_device(ids[None], self.device),
                                             position_ids=to_device(pos[None], self.device), use_cache=False)
+        if fresh:
+            self._prefix_key, self._prefix_kv = tuple(seqs[0][:prefix_len]), store
         h = out.last_hidden_state[0].index_select(0, to_device(last, self.device))
         logits = self.model.get_output_embeddings()(h)
         return self._candidates(logits, candidate_ids), (h.float() if want_hidden else None)

@@ -51,7 +51,8 @@ def bf16_kernels(model) -> None:
     """bf16: each fused kernel against the eager op it replaces, and the model's logits with and without them."""
     import transformers.models.llama.modeling_llama as llama
 
-    from kb.engine.fused import fused_layers, lse_merge, rms_norm, rope, silu_mul
+    from kb.engine.fused import fused_layers, rms_norm, rope, silu_mul
+    from kb.engine.own_attention import lse_merge
 
     g = torch.Generator(device="cuda").manual_seed(0)
     bf = dict(device="cuda", dtype=torch.bfloat16)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from kb.engine.own_attention import triton_available
+from kb.engine.own_attention import lse_merge, triton_available
 
 CASCADE = "kb_cascade"  # name under which the cascade attention is registered with transformers
 # Model families whose CausalLM logits are exactly lm_head(last hidden state) and whose attention is
@@ -222,11 +222,9 @@ _MERGE_KERNEL = [True]  # off for good after a first failure (a machine whose Tr
 def merge_halves(out_s: torch.Tensor, out_p: torch.Tensor, lse_s: torch.Tensor, lse_p: torch.Tensor,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """The softmax over [prefix ; own keys] from its halves ([T, H, D] outputs, [H, T] log-sum-exps): a lerp
-    by the prefix's share of the mass; one Triton kernel on CUDA (kb.engine.fused.lse_merge), else torch.
+    by the prefix's share of the mass; one Triton kernel on CUDA (kb.engine.own_attention.lse_merge), else torch.
     `out` may be `out_s` (in place)."""
     if _MERGE_KERNEL[0] and triton_available(out_s.device, out_s.shape[-1]):
-        from kb.engine.fused import lse_merge  # kb.engine.fused imports this module
-
         try:
             return lse_merge(out_s, out_p, lse_s, lse_p, out=out)
         except torch.cuda.OutOfMemoryError:

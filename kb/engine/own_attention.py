@@ -1,4 +1,5 @@
-"""The decoding step's own half (each row's query over its own generated keys) as one Triton kernel.
+"""The decoding step's own half (each row's query over its own generated keys) as one Triton kernel, and the
+cascade scorer's merge of two attention halves (`lse_merge`).
 
 Why: in that half every (row, head) has a single query and its own keys, so it is a matrix-vector
 product. Flash attention tiles queries by 64-128, which for one query wastes that factor of its math:
@@ -96,4 +97,47 @@ def own_half_merged(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k
                       q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), k.stride(0), k.stride(1),
                       k.stride(2), prompt_out.stride(0), prompt_out.stride(1), prompt_lse.stride(0),
                       out.stride(0), out.stride(1), h // hkv, scale, D=d, BLOCK_T=max(block, 16))
+    return out
+
+
+_MERGE: Any = None
+
+
+def _merge_kernel() -> Any:
+    global _MERGE
+    if _MERGE is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def lse_merge_kernel(a_ptr, b_ptr, la_ptr, lb_ptr, o_ptr, heads, s_at, s_ah, s_bt, s_bh, s_lah, s_lat, s_lbh,
+                             s_lbt, s_ot, s_oh, D: tl.constexpr, HB: tl.constexpr):
+            t = tl.program_id(0).to(tl.int64)
+            h = tl.program_id(1) * HB + tl.arange(0, HB)
+            hm = h < heads
+            d = tl.arange(0, D)
+            la = tl.load(la_ptr + h * s_lah + t * s_lat, mask=hm, other=0.0)
+            lb = tl.load(lb_ptr + h * s_lbh + t * s_lbt, mask=hm, other=0.0)
+            w = (1.0 / (1.0 + tl.exp(la - lb)))[:, None]  # b's share of the softmax mass: sigmoid(lb - la)
+            m = hm[:, None]
+            a = tl.load(a_ptr + t * s_at + h[:, None] * s_ah + d[None, :], mask=m, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + t * s_bt + h[:, None] * s_bh + d[None, :], mask=m, other=0.0).to(tl.float32)
+            tl.store(o_ptr + t * s_ot + h[:, None] * s_oh + d[None, :], (a + w * (b - a)).to(o_ptr.dtype.element_ty), mask=m)
+        _MERGE = lse_merge_kernel
+    return _MERGE
+
+
+def lse_merge(a: torch.Tensor, b: torch.Tensor, lse_a: torch.Tensor, lse_b: torch.Tensor,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention over the union of two key sets from its halves: a, b [T, H, D] (D a power of two,
+    contiguous) with log-sum-exps lse_a, lse_b [H, T] (fp32, flash attention's layout) -> [T, H, D] in a's dtype;
+    lerp(a, b, sigmoid(lse_b - lse_a)) in fp32, one read of each input (the cascade scorer's merge).
+    `out` may be `a` itself (each element is read before it is written)."""
+    t, h, d = a.shape
+    out = torch.empty_like(a) if out is None else out
+    hb = min(8, 1 << max(0, (h - 1).bit_length()))
+    if a.numel():
+        _merge_kernel()[(t, -(-h // hb))](
+            a, b, lse_a, lse_b, out, h, a.stride(0), a.stride(1), b.stride(0), b.stride(1), lse_a.stride(0),
+            lse_a.stride(1), lse_b.stride(0), lse_b.stride(1), out.stride(0), out.stride(1), D=d, HB=hb, num_warps=4)
     return out

@@ -344,7 +344,7 @@ def main() -> None:
     common.print_table(rows + ablations, cols + (["cpu_s", "cpu_speedup"] if not cuda else []) + ["agreement"])
     if len(ref_idx) < n or len(pc_idx) < n:
         print("full_set_s of a reference run on a subset = its seconds per question x all questions (extrapolated)")
-    if ours["mode"] == "cascade":
+    if ours["mode"].startswith("cascade"):  # packed: padding never goes through the weights
         through = f"{ours['suffix_tokens']:,} suffix tokens packed without padding"
     else:
         through = f"{ours['padded_suffix_tokens']:,} padded suffix tokens ({ours['suffix_tokens']:,} real)"

@@ -35,6 +35,7 @@ from kb.engine import (
     iter_batches,
     letter_candidates,
     letter_probs,
+    pass_overhead_tokens,
     question_key,
     run_batches,
     sample_answers,
@@ -153,8 +154,12 @@ def run_state_query(settings: QuerySettings, lm: LoadedModel, out_dir: Path, res
 
     budget = token_budget(lm, max_batch_tokens, generation=kind == "open")
     # Open answers: N sequences of up to max_new_tokens more per question are held at once.
+    # MCQ on a GPU: passes cut by the scorer's own cost model (as the probe and bench_mcq.py cut them); the CPU
+    # keeps the budget-derived default its recorded results were planned with.
+    overhead = pass_overhead_tokens(lm.model) if kind == "mcq" and str(lm.device).startswith("cuda") else None
     batches = iter_batches(seqs, groups, settings.batch_size, budget, share_prefix=kind == "mcq",
-                           copies=max(settings.n_samples, 1), extra_tokens=settings.max_new_tokens)
+                           copies=max(settings.n_samples, 1), extra_tokens=settings.max_new_tokens,
+                           overhead_tokens=overhead)
     scorer = PrefixScorer(lm.model, tok.pad_token_id)
     cands = letter_candidates(tok, max(len(s.choices) for s in samples), letter_rule(fmt)) if kind == "mcq" else []
     flat = [t for c in cands for t in c]

@@ -41,6 +41,7 @@ from kb.engine import (
     plan_batches,
     use_decoder,
 )
+from kb.engine.own_attention import OWN_HALF_LAUNCH
 from kb.prompts import PromptFormat, budget_for, prompt_for, render, resolve_chat
 
 
@@ -193,9 +194,18 @@ def main() -> None:
     p.add_argument("--unfused-ref", action="store_true",
                    help="GPU: also time the v4 decoder (flash own half, transformers' layers) on the same questions")
     p.add_argument("--fp32-check", type=int, default=0, help="GPU: recheck greedy agreement on this many questions in fp32")
+    p.add_argument("--own-half-launch", default="", help="BLOCK_T,WARPS,STAGES for the own-half kernel "
+                   "(bench/tune_own_half.py prints the fastest; STAGES 0: Triton's default)")
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
     args.batch_size = args.batch_size or (256 if cuda else 16)
+    if args.own_half_launch:
+        try:
+            block_t, warps, stages = (int(x) for x in args.own_half_launch.split(","))
+        except ValueError:
+            p.error(f"--own-half-launch: want BLOCK_T,WARPS,STAGES (three integers), got {args.own_half_launch!r}")
+        OWN_HALF_LAUNCH.update(block_t=block_t, num_warps=warps, num_stages=stages or None)
+        print(f"own-half kernel launch: {OWN_HALF_LAUNCH}", flush=True)
 
     sub = common.load_subject(args)
     chat = resolve_chat(args.chat_template if not (args.random_init and args.chat_template == "auto") else "off",

@@ -79,24 +79,33 @@ def _kernel() -> Any:
     return _KERNEL
 
 
+# Launch parameters of the own-half kernel: keys per loop iteration (at most), warps per program, software
+# pipelining stages (None: Triton's default). bench/tune_own_half.py times the alternatives on a GPU.
+OWN_HALF_LAUNCH: dict[str, int | None] = {"block_t": 64, "num_warps": 4, "num_stages": None}
+
+
 def own_half_merged(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     used: torch.Tensor, prompt_out: torch.Tensor, prompt_lse: torch.Tensor,
-                    scale: float) -> torch.Tensor:
+                    scale: float, launch: dict[str, int | None] | None = None) -> torch.Tensor:
     """The step's attention output [B, H, D] (q's dtype), this step's key/value written into the buffers.
 
     q [B, H, D]; k_new, v_new [B, Hkv, D] (this step's, same strides); k, v [B, T, Hkv, D] (D contiguous);
     used [B] int32 (this step's position + 1); prompt_out [B, H, D] and prompt_lse [H, B] fp32: the prompt
-    half's output and log-sum-exp of the scaled scores, as flash attention reports them."""
+    half's output and log-sum-exp of the scaled scores, as flash attention reports them. `launch` overrides
+    OWN_HALF_LAUNCH (the tuning bench)."""
     b, h, d = q.shape
     t, hkv = k.shape[1], k.shape[2]
+    cfg = {**OWN_HALF_LAUNCH, **(launch or {})}
     assert k.stride() == v.stride() and k_new.stride() == v_new.stride() and prompt_lse.stride(1) == 1
     assert k.stride(-1) == 1 and q.stride(-1) == 1 and k_new.stride(-1) == 1 and prompt_out.stride(-1) == 1
     out = torch.empty((b, h, d), dtype=q.dtype, device=q.device)
-    block = min(64, 1 << max(0, (t - 1).bit_length()))
+    block = min(int(cfg["block_t"] or 64), 1 << max(0, (t - 1).bit_length()))
+    extra = {"num_stages": cfg["num_stages"]} if cfg["num_stages"] else {}
     _kernel()[(b, h)](q, k_new, v_new, k, v, prompt_out, prompt_lse, out, used,
                       q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), k.stride(0), k.stride(1),
                       k.stride(2), prompt_out.stride(0), prompt_out.stride(1), prompt_lse.stride(0),
-                      out.stride(0), out.stride(1), h // hkv, scale, D=d, BLOCK_T=max(block, 16))
+                      out.stride(0), out.stride(1), h // hkv, scale, D=d, BLOCK_T=max(block, 16),
+                      num_warps=int(cfg["num_warps"] or 4), **extra)
     return out
 
 

@@ -135,6 +135,36 @@ def test_varlen_cascade_offsets_and_grouped_heads_match_one_at_a_time(tok, monke
     assert not PrefixScorer(model, tok.pad_token_id, mode="cascade").varlen
 
 
+def test_token_stream_encodes_group_by_group_and_hands_errors_to_the_reader(tok):
+    """TokenStream gives encode's ids, groups in order of first appearance; a failing group raises when read."""
+    from kb.engine import TokenStream, encode, iter_batches
+
+    texts = [f"question {i} " * (1 + i % 5) for i in range(12)]
+    groups = ["b", "a", "b", "c", "a", "b", "c", "c", "a", "b", "a", "c"]
+    stream = TokenStream(tok, texts, False, groups)
+    assert list(stream.wait()) == encode(tok, texts, False) and len(stream) == 12 and stream.seconds > 0
+    lazy = list(iter_batches(stream, groups, 2, 10_000))
+    assert lazy == plan_batches(encode(tok, texts, False), groups, 2, 10_000)
+    assert [b.group for b in lazy] == sorted([b.group for b in lazy], key="bac".index)  # first-appearance order
+
+    class Failing:  # encodes group "b", then fails on "a"
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, prompts, add_special_tokens=True):
+            self.calls += 1
+            if self.calls == 2:
+                raise ValueError("bad text")
+            return {"input_ids": [[1, 2]] * len(prompts)}
+
+    bad = TokenStream(Failing(), texts, False, groups)
+    assert bad[0] == [1, 2]  # group "b" was encoded
+    with pytest.raises(ValueError, match="bad text"):
+        bad[1]  # group "a"
+    with pytest.raises(ValueError, match="bad text"):
+        bad.wait()
+
+
 def test_letter_probs_sum_variants_and_renormalise():
     logp = torch.log(torch.tensor([[0.1, 0.2, 0.05, 0.05, 0.3, 0.1], [0.25, 0.25, 0.1, 0.1, 0.2, 0.1]]))
     cands = [[0, 1], [2], [3], [4, 5]]  # 'A' and ' A', ...

@@ -131,10 +131,7 @@ class PrefixScorer:
             self._prefix_key, self._prefix_cache = key, out.past_key_values
             if self.mode == "view" and not view_supported(self._prefix_cache):
                 self.mode = "copy"
-            if self.mode == "cascade" and self.varlen:  # [P, Hkv, D]: flash groups the heads itself
-                self._prefix_kv = [(layer.keys[0].transpose(0, 1).contiguous(), layer.values[0].transpose(0, 1).contiguous())
-                                   for layer in self._prefix_cache.layers]
-            elif self.mode == "cascade":
+            if self.mode == "cascade":  # (varlen runs a new prefix inside its first pass, never here)
                 heads = self.model.config.num_attention_heads
                 self._prefix_kv = [(repeat_heads(layer.keys, heads), repeat_heads(layer.values, heads))
                                    for layer in self._prefix_cache.layers]

@@ -113,7 +113,7 @@ def test_varlen_cascade_offsets_and_grouped_heads_match_one_at_a_time(tok, monke
     from kb.engine import scorer as scorer_mod
 
     monkeypatch.setattr(attention, "varlen_flash", reference_varlen)
-    monkeypatch.setattr(scorer_mod, "flash_supported", lambda *a: True)
+    monkeypatch.setattr(scorer_mod, "model_flash_supported", lambda *a: True)
     model = tiny_model("llama", vocab_size=len(tok))
     assert model.config.num_key_value_heads < model.config.num_attention_heads
     seqs = prompts(len(tok), seed=3)

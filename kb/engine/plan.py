@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from kb.engine.attention import cascade_supported, flash_supported
+from kb.engine.attention import cascade_supported, model_flash_supported
 from kb.engine.decode import use_decoder
 from kb.engine.memory import usable_cuda_bytes
 from kb.models import LoadedModel, text_config
@@ -164,12 +164,9 @@ def pass_overhead_tokens(model: Any, *, cascade: bool | None = None, varlen: boo
     it runs, kb.engine.scorer) padding enters nothing, so batches are cut as large as the budgets allow.
     """
     cfg = text_config(model)
-    first = next(model.parameters())
-    cuda = first.device.type == "cuda"
+    cuda = next(model.parameters()).device.type == "cuda"
     cascade = cascade_supported(model) if cascade is None else cascade
-    if varlen is None:
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        varlen = cascade and flash_supported(first.device, first.dtype, head_dim)
+    varlen = cascade and model_flash_supported(model) if varlen is None else varlen
     params = sum(p.numel() for p in model.parameters())
     per_pass = getattr(cfg, "num_hidden_layers", 32) * (0.43e-3 if cuda else 0.2e-3)
     per_token = 2 * params / (5e14 if cuda else 1e11)

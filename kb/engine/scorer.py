@@ -29,7 +29,7 @@ from kb.engine.attention import (
     cascade_attention,
     cascade_supported,
     decoder_stack,
-    flash_supported,
+    model_flash_supported,
     register_attention,
     repeat_heads,
     shared_view,
@@ -109,9 +109,7 @@ class PrefixScorer:
             raise ValueError(f"cascade attention does not support model type {model.config.model_type!r}")
         self.mode = mode
         self.fusion = Fusion(model, fused_kernels)  # RMSNorm, RoPE, SiLU·up as Triton kernels (CUDA, Llama family)
-        cfg = model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        can_varlen = flash_supported(self.device, next(model.parameters()).dtype, head_dim)
+        can_varlen = model_flash_supported(model)
         if varlen and not can_varlen:
             raise ValueError("varlen cascade attention needs flash attention: CUDA, half precision")
         self.varlen = mode == "cascade" and can_varlen and varlen is not False

@@ -33,12 +33,12 @@ def _kill_when(cmd: list[str], records: Path, at_least: int, sig: int) -> int:
     proc = subprocess.Popen(cmd, env=ENV, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if records.exists() and records.read_text().count("\n") >= at_least:
+        if records.exists() and records.read_bytes().count(b"\n") >= at_least:
             proc.send_signal(sig)
             break
         time.sleep(0.02)
     proc.wait(timeout=60)
-    return records.read_text().count("\n") if records.exists() else 0
+    return records.read_bytes().count(b"\n") if records.exists() else 0
 
 
 PROBES = [
@@ -88,7 +88,7 @@ def test_same_seed_gives_byte_identical_outputs(tmp_path, tiny_model_dir):
 def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if path.exists() and path.read_text().count("\n") >= n:
+        if path.exists() and path.read_bytes().count(b"\n") >= n:
             return
         time.sleep(0.02)
     raise AssertionError(f"{path} never reached {n} lines (exit {proc.poll()})")

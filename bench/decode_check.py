@@ -1,4 +1,4 @@
-"""On a GPU: kb.engine.decode's fast path (CUDA graph, fused attention, compiled sampler, kb.engine.fused's
+"""On a GPU: kb.engine.decode's fast path (CUDA graph, fused attention, the sampler kernel, kb.engine.fused's
 element-wise kernels) against its plain path (eager step, reference attention, eager sampler, transformers'
 layers) and one-at-a-time greedy generate(), fp32, tiny model; then in bf16 the fused kernels against the eager
 ops they replace (exact equality expected up to one fp32 sum's order), and the default path (flash prompt half,
@@ -28,7 +28,7 @@ def main() -> None:
     seqs = [torch.randint(10, 4000, (int(n),), generator=g).tolist() for n in torch.randint(5, 90, (300,), generator=g)]
     stops = [2, 17, 33]
     fast = Decoder(model, 0, stops, slots=37)
-    plain = Decoder(model, 0, stops, slots=37, graphs=False, fused=False, compile_pick=False, fused_kernels=False)
+    plain = Decoder(model, 0, stops, slots=37, graphs=False, fused=False, sampler_kernel=False, fused_kernels=False)
     keys = list(range(1000, 1300))
     a = fast.run(seqs, 20, n=4, temperature=0.9, keys=keys)
     b = plain.run(seqs, 20, n=4, temperature=0.9, keys=keys)
@@ -72,6 +72,7 @@ def bf16_kernels(model) -> None:
     for name, (a, b) in pairs.items():
         print(f"bf16 kernel {name}: {(a == b).float().mean().item():.6f} of elements identical to the eager op, "
               f"max |diff| {(a.float() - b.float()).abs().max().item():.3g}")
+    sampler_check(g)
     ids = torch.randint(10, 4000, (16, 64), generator=g, device="cuda")
     ref = model(ids).logits
     with fused_layers(model):
@@ -81,6 +82,30 @@ def bf16_kernels(model) -> None:
           f"{(out.argmax(-1) == ref.argmax(-1)).float().mean().item():.4f}")
 
 
+def sampler_check(g: torch.Generator) -> None:
+    """kb.engine.noise's Triton sampler against the eager `pick` on a 7B step's logits (2,560 rows x 32 k, bf16):
+    identical tokens, log-prob deviation, and milliseconds per call."""
+    from kb.engine.noise import pick, pick_kernel
+
+    logits = torch.randn(2560, 32000, generator=g, device="cuda", dtype=torch.bfloat16) * 4
+    keys = torch.randint(-2**62, 2**62, (2560,), generator=g, device="cuda")
+    t = torch.randint(1, 50, (2560,), generator=g, device="cuda")
+    for temperature in (None, 1.0, 0.7):
+        (a, la), (b, lb) = (f(logits, keys, t, temperature, True) for f in (pick, pick_kernel))
+        ms = {}
+        for name, f in (("eager", pick), ("kernel", pick_kernel)):
+            f(logits, keys, t, temperature, True)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(20):
+                f(logits, keys, t, temperature, True)
+            end.record()
+            torch.cuda.synchronize()
+            ms[name] = start.elapsed_time(end) / 20
+        print(f"sampler kernel, T={temperature}: {(a == b).sum().item()}/{len(a)} tokens as the eager pick, max |d logp| "
+              f"{(la - lb).abs().max().item():.3g}; {ms['kernel']:.3f} ms per call (eager {ms['eager']:.3f} ms)")
+
+
 def bf16_paths(model, seqs, stops, keys) -> None:
     """bf16: the default path (flash prompt half, own-half kernel, fused kernels) against the others."""
     bf16_kernels(model)
@@ -88,7 +113,7 @@ def bf16_paths(model, seqs, stops, keys) -> None:
     paths = {"flash own half": Decoder(model, 0, stops, slots=37, own_kernel=False),
              "unfused layers": Decoder(model, 0, stops, slots=37, fused_kernels=False),
              "memory-efficient": Decoder(model, 0, stops, slots=37, flash=False, fused_kernels=False),
-             "plain": Decoder(model, 0, stops, slots=37, graphs=False, fused=False, compile_pick=False,
+             "plain": Decoder(model, 0, stops, slots=37, graphs=False, fused=False, sampler_kernel=False,
                               fused_kernels=False)}
     a = base.run(seqs, 20, n=4, temperature=0.9, keys=keys)
     ga = base.run(seqs, 20, want_logps=True)

@@ -26,17 +26,17 @@ def main() -> None:
     p.add_argument("--kernels", type=int, default=20, help="rows of the kernel table (0: no profile)")
     p.add_argument("--flash-own-half", action="store_true",
                    help="the own half through flash attention instead of kb's Triton kernel (the v4 path)")
-    p.add_argument("--fast-only", action="store_true", help="only the fast path (fused attention, compiled sampler)")
+    p.add_argument("--fast-only", action="store_true", help="only the fast path (fused attention, the sampler kernel)")
     args = p.parse_args()
     sub = common.load_subject(args)
     g = torch.Generator().manual_seed(0)
     seqs = torch.randint(100, 40000, (args.questions, args.prompt_tokens), generator=g).tolist()
     stops = generation_stop_ids(sub.model, sub.tokenizer)
     print(f"{sub.name}; {args.questions} questions x {args.samples} samples, {args.prompt_tokens}-token prompts", flush=True)
-    for fused, compiled in ((True, True),) if args.fast_only else ((True, True), (False, False)):
+    for fused, kernel in ((True, True),) if args.fast_only else ((True, True), (False, False)):
         if True:
             dec = Decoder(sub.model, sub.tokenizer.pad_token_id, stops, slots=args.questions, fused=fused,
-                          compile_pick=compiled, own_kernel=not args.flash_own_half)
+                          sampler_kernel=kernel, own_kernel=not args.flash_own_half)
             t0 = time.perf_counter()
             dec.run(seqs, args.max_new_tokens, n=args.samples, temperature=1.0)
             torch.cuda.synchronize()
@@ -53,9 +53,9 @@ def main() -> None:
                 st["graph"].replay()
             torch.cuda.synchronize()
             ms = (time.perf_counter() - t0) / args.steps * 1e3
-            print(f"fused={fused} compiled_pick={compiled}: run {first:.2f} s (first), {again:.2f} s (again), "
+            print(f"fused={fused} sampler_kernel={kernel}: run {first:.2f} s (first), {again:.2f} s (again), "
                   f"{dec.stats}; graph step {ms:.1f} ms for {args.questions * args.samples} rows", flush=True)
-            if args.kernels and fused and compiled:
+            if args.kernels and fused and kernel:
                 from torch.profiler import ProfilerActivity, profile
 
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -8,6 +8,7 @@ import torch
 from kb.engine import Decoder, StopRule, pick, row_key
 from kb.testing import in_triton_interpreter, tiny_model, tiny_tokenizer
 
+HERE = "tests/test_decode.py"
 PROMPTS = ["Question: What is the capital of France? Answer:", "I am sure.", "A. B. C. D. Answer: A",
            "There is a single choice question about history.", "Are you sure you accurately answered",
            "I don't know.", "The following are multiple choice questions (with answers) about science."]
@@ -52,7 +53,12 @@ def _reference_sample(model, seq, max_new, key, temperature, stops, rule=None, t
     return new
 
 
-def test_greedy_matches_generate_with_refill(setup):
+@pytest.mark.parametrize("kernel", [False, True], ids=["eager_pick", "pick_kernel"])
+def test_greedy_matches_generate_with_refill(setup, kernel):
+    """Greedy tokens and their log-probs as one-at-a-time generate gives them; with kb.engine.noise's
+    Triton sampler too (run by Triton's interpreter on CPU where Triton is installed)."""
+    if kernel and not in_triton_interpreter(f"{HERE}::test_greedy_matches_generate_with_refill[pick_kernel]"):
+        return
     tok, model, seqs = setup
     ref_free = [_greedy_one(model, s, 12, [2]) for s in seqs]
     # A stop token that greedy decoding reaches mid-way in some replies: early stops and slot refills.
@@ -60,8 +66,9 @@ def test_greedy_matches_generate_with_refill(setup):
     stops = [2, stop]
     ref = [_greedy_one(model, s, 12, stops) for s in seqs]
     assert any(len(r) < 12 for r in ref) and any(len(r) == 12 for r in ref)
-    dec = Decoder(model, 0, stops, slots=2)
+    dec = Decoder(model, 0, stops, slots=2, sampler_kernel=kernel)
     out = dec.run(seqs, 12, want_logps=True)
+    assert dec.stats["sampler_kernel"] == kernel
     assert [o[0].tokens for o in out] == ref
     assert dec.stats["admissions"] > 1
     # log-probs are those of the greedy tokens
@@ -71,11 +78,15 @@ def test_greedy_matches_generate_with_refill(setup):
     assert out[0][0].logps == pytest.approx(want, abs=1e-4)
 
 
-def test_samples_match_reference_sampler_and_ignore_batch_composition(setup):
+@pytest.mark.parametrize("kernel", [False, True], ids=["eager_pick", "pick_kernel"])
+def test_samples_match_reference_sampler_and_ignore_batch_composition(setup, kernel):
+    if kernel and not in_triton_interpreter(
+            f"{HERE}::test_samples_match_reference_sampler_and_ignore_batch_composition[pick_kernel]"):
+        return
     tok, model, seqs = setup
     keys = [1000 + 7 * q for q in range(len(seqs))]
     n, mx = 3, 10
-    dec = Decoder(model, 0, [2], slots=3)
+    dec = Decoder(model, 0, [2], slots=3, sampler_kernel=kernel)
     out = dec.run(seqs, mx, n=n, temperature=0.8, keys=keys)
     for q, s in enumerate(seqs):
         for k in range(n):
@@ -83,9 +94,34 @@ def test_samples_match_reference_sampler_and_ignore_batch_composition(setup):
     assert len({tuple(o.tokens) for o in out[0]}) > 1  # the N samples differ
     # Another batch composition, another slot count: the same samples per question.
     order = [5, 2, 0]
-    again = Decoder(model, 0, [2], slots=1).run([seqs[i] for i in order], mx, n=n, temperature=0.8,
+    again = Decoder(model, 0, [2], slots=1, sampler_kernel=kernel).run([seqs[i] for i in order], mx, n=n, temperature=0.8,
                                                keys=[keys[i] for i in order])
     assert [[r.tokens for r in again[j]] for j in range(3)] == [[r.tokens for r in out[i]] for i in order]
+
+
+def test_pick_kernel_draws_as_pick():
+    """kb.engine.noise's Triton sampler against `pick`: the same tokens (sampled and greedy, a vocabulary over
+    several chunks, the first of tied maxima across chunks) and log-probs."""
+    if not in_triton_interpreter(f"{HERE}::test_pick_kernel_draws_as_pick"):
+        return
+    from kb.engine.noise import pick_kernel
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 4097  # three chunks of 2,048, the last one a single token
+    logits = (torch.randn(24, vocab, generator=g) * 3).to(torch.bfloat16)
+    logits[0, [100, 3000]] = 30.0  # a tie in two chunks: the first wins, as torch's argmax
+    logits[1, [4096, 5]] = 30.0
+    keys = torch.tensor([row_key(77 + r, r % 3) for r in range(24)])
+    t = torch.arange(24) % 7 + 1
+    for temperature in (None, 0.8, 1.0):
+        want, want_lp = pick(logits, keys, t, temperature, True)
+        got, got_lp = pick_kernel(logits, keys, t, temperature, True)
+        assert got.tolist() == want.tolist(), temperature
+        assert got_lp.tolist() == pytest.approx(want_lp.tolist(), abs=1e-5)
+        assert pick_kernel(logits, keys, t, temperature, False)[1] is None
+    assert pick_kernel(logits, keys, t, None, False)[0][:2].tolist() == [100, 5]
+    sampled = {tuple(pick_kernel(logits, keys, t + s, 1.0, False)[0].tolist()) for s in range(3)}
+    assert len(sampled) == 3  # the step index moves the noise
 
 
 def test_answer_end_rule_on_device(setup):

@@ -68,11 +68,11 @@ class Decoder(StepGraph):
 
     def __init__(self, model: Any, pad_id: int, stop_ids: Sequence[int], *, graphs: bool | None = None,
                  slots: int | None = None, refill_fraction: float = 0.25, prefill_tokens: int | None = None,
-                 fused: bool | None = None, compile_pick: bool | None = None, flash: bool | None = None,
+                 fused: bool | None = None, sampler_kernel: bool | None = None, flash: bool | None = None,
                  own_kernel: bool = True, fused_kernels: bool | None = None) -> None:
         if not decoder_supported(model):
             raise ValueError(f"Decoder does not support model type {model.config.model_type!r}")
-        super().__init__(model, stop_ids, graphs=graphs, fused=fused, compile_pick=compile_pick, flash=flash,
+        super().__init__(model, stop_ids, graphs=graphs, fused=fused, sampler_kernel=sampler_kernel, flash=flash,
                          own_kernel=own_kernel, fused_kernels=fused_kernels)
         self.asked_own_kernel = bool(own_kernel)
         self.pad_id = pad_id
@@ -188,8 +188,6 @@ class Decoder(StepGraph):
             self._planned_slots = g
             st = self._alloc(g, n, p, t, temperature, want_logps, stop_rule, max_new)
             st["cap"] = cap
-            # Sampling compiles its noise into one kernel (per shape); greedy needs no noise: eager argmax.
-            self._pick = self._compiled if (self._compiled is not None and temperature is not None) else pick
             self._state = st
         else:
             g = st["g"]
@@ -244,7 +242,7 @@ class Decoder(StepGraph):
                 continue
             if active == 0:
                 break
-            if steps == 0:  # the first step of a new state captures the graph (and compiles the sampler)
+            if steps == 0:  # the first step of a new state captures the graph (and compiles the kernels on first use)
                 t0 = time.perf_counter()
                 self._run_step(st)
                 sync()
@@ -256,13 +254,13 @@ class Decoder(StepGraph):
         self.stats = {"slots": g, "rows": g * n, "steps": steps, "admissions": admitted, "prompt_width": p,
                       "graph": self.graphs, "fused_attention": self.fused, "flash_attention": self.flash,
                       "own_kernel": self.own_kernel, "fused_layers": self.fusion.on,
-                      "compiled_sampler": self._pick is not pick,
+                      "sampler_kernel": self._pick is not pick,
                       "prefill_s": round(t_prefill, 3), "first_step_s": round(t_first, 3),
                       "other_steps_s": round(total - t_prefill - t_first, 3)}
         return replies
 
     def release(self) -> None:
-        """Free the buffers and the captured step (the compiled sampler stays: same shapes reuse it)."""
+        """Free the buffers and the captured step."""
         self._state = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

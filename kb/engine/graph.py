@@ -4,7 +4,7 @@ captured once as a CUDA graph and replayed.
 Every buffer the step reads or writes (the prompt caches of g question slots, the generated keys/values of
 their g * n rows, the tokens, the stop flags and the output tokens) is allocated once per shape, so on CUDA
 the step is recorded as a graph and each later step is one replay: no per-kernel launches from Python.
-The fast path (fused attention, the sampler compiled into one kernel) falls back to the plain one when this
+The fast path (fused attention, the sampler as one Triton kernel) falls back to the plain one when this
 machine lacks a kernel or compiler. Which question sits in which slot is kb.engine.decode's business.
 """
 
@@ -19,7 +19,7 @@ import torch
 from kb.engine.attention import decoder_stack, flash_supported, register_attention
 from kb.engine.fused import Fusion, fused_layers
 from kb.engine.memory import usable_cuda_bytes
-from kb.engine.noise import pick, vocab_term
+from kb.engine.noise import pick, pick_kernel, pick_kernel_available, vocab_term
 from kb.engine.own_attention import triton_available
 from kb.engine.step import (
     DECODE_ATTN,
@@ -40,12 +40,13 @@ class StepGraph:
     attention kernel: flash attention over the used keys in half precision (`flash`, default: where
     supported; `own_kernel` (default where Triton runs): its own half, this step's key/value write and the
     merge through kb.engine.own_attention's kernel), else the memory-efficient kernel over whole masked buffers (fp32);
-    `compile_pick` (default: on CUDA) compiles the sampler; `fused_kernels` (default: where
+    `sampler_kernel` (default: where Triton runs on CUDA; True also forces it off CUDA, for Triton's
+    interpreter) draws through kb.engine.noise's Triton kernel; `fused_kernels` (default: where
     kb.engine.fused supports the model) runs the layers' element-wise work as kb.engine.fused's kernels.
     """
 
     def __init__(self, model: Any, stop_ids: Sequence[int], *, graphs: bool | None = None, fused: bool | None = None,
-                 compile_pick: bool | None = None, flash: bool | None = None, own_kernel: bool = True,
+                 sampler_kernel: bool | None = None, flash: bool | None = None, own_kernel: bool = True,
                  fused_kernels: bool | None = None) -> None:
         register_attention(DECODE_ATTN, decode_attention)
         self.model = model
@@ -56,10 +57,8 @@ class StepGraph:
         cuda = self.device.type == "cuda"
         self.graphs = cuda if graphs is None else graphs
         self.fused = cuda if fused is None else fused
-        self._compiled: Any = None
-        if (cuda if compile_pick is None else compile_pick):
-            self._compiled = torch.compile(pick, dynamic=True)  # noise + Gumbel-max: one kernel, any row count
-        self._pick: Any = pick
+        use_kernel = pick_kernel_available(self.device) if sampler_kernel is None else sampler_kernel
+        self._pick: Any = pick_kernel if use_kernel else pick  # noise + Gumbel-max (or argmax): one launch
         self.memory_fraction = 0.7  # of free memory for the buffers (the step's temporaries are counted in)
         cfg = text_config(model)
         self.layers = cfg.num_hidden_layers
@@ -162,7 +161,7 @@ class StepGraph:
             while True:
                 try:
                     with torch.cuda.stream(side):
-                        self._step(st)  # warm-up (allocator, lazy inits, the sampler's compile) before capture
+                        self._step(st)  # warm-up (allocator, lazy inits, the kernels' compiles) before capture
                     break
                 except Exception as err:  # noqa: BLE001  (a kernel or compiler this machine lacks)
                     if isinstance(err, torch.cuda.OutOfMemoryError) or not (
@@ -181,7 +180,7 @@ class StepGraph:
                     elif self.flash:
                         self.flash = False
                     else:
-                        self.fused, self._pick, self._compiled = False, pick, None
+                        self.fused, self._pick = False, pick
                     torch.cuda.synchronize(self.device)
                     for k, v in saved.items():
                         st[k].copy_(v)

@@ -3,13 +3,23 @@
 Sampling is Gumbel-max with splitmix64 noise keyed by (the question's key, the sample index, the token
 index), computed on the device, so the device decoder (kb.engine.decode) draws the same sample of a
 question whichever other questions share its batch and whenever its slot was filled.
+
+On CUDA the decoder draws through `pick_kernel`: one Triton program per row reads the row's logits once,
+in chunks, and keeps the running Gumbel-max and log-sum-exp, so a step's sampling is one launch and one read
+of the logits. It replaces a `torch.compile` of `pick` whose first use cost seconds of compiling on every new
+machine (the real SmolLM2's probe: 12.3 s cold against 7.9 s warm, bench/README.md v6); a Triton kernel
+compiles in about a second and is cached on disk. Same noise, same draw as `pick` up to float rounding
+(the scaled logit and the Gumbel term may be fused into one rounding): tested on CPU through Triton's
+interpreter and on a GPU by bench/decode_check.py.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from typing import Any
 
+import numpy as np
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -64,6 +74,86 @@ def pick(logits: torch.Tensor, keys: torch.Tensor, t: torch.Tensor, temperature:
         scaled = logits if temperature is None else logits / temperature
         lp = torch.log_softmax(scaled, dim=-1).gather(1, nxt[:, None])[:, 0]
     return nxt, lp
+
+
+_KERNEL: Any = None
+_BLOCK = 2048  # logits per chunk: 8 KB of fp32 per program, a few chunks for a 32-128 k vocabulary
+
+
+def pick_kernel_available(device: torch.device) -> bool:
+    """Whether `pick_kernel` can run here: CUDA with Triton installed."""
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
+def _kernel() -> Any:
+    global _KERNEL
+    if _KERNEL is None:
+        import triton
+        import triton.language as tl
+
+
+        @triton.jit
+        def pick_one_row(x_ptr, keys_ptr, t_ptr, tok_ptr, lp_ptr, s_x, vocab, inv_t,
+                         SAMPLE: tl.constexpr, WANT_LP: tl.constexpr, BLOCK: tl.constexpr):
+            row = tl.program_id(0).to(tl.int64)
+            base = tl.zeros([], dtype=tl.uint64)
+            if SAMPLE:  # splitmix64 of key * C1 + t * C2 + token * C3, as uniform_noise
+                key = tl.load(keys_ptr + row).to(tl.uint64, bitcast=True)
+                t = tl.load(t_ptr + row).to(tl.uint64, bitcast=True)
+                base += key * 0x9E3779B97F4A7C15 + t * 0xBF58476D1CE4E5B9
+            best = tl.full([], -float("inf"), tl.float32)
+            best_i = tl.zeros([], dtype=tl.int64)
+            m = tl.full([], -float("inf"), tl.float32)
+            total = tl.zeros([], dtype=tl.float32)
+            for start in range(0, vocab, BLOCK):
+                v = start + tl.arange(0, BLOCK)
+                ok = v < vocab
+                x = tl.load(x_ptr + row * s_x + v, mask=ok, other=-float("inf")).to(tl.float32)
+                if SAMPLE:
+                    scaled = x * inv_t
+                    h = base + v.to(tl.uint64) * 0x94D049BB133111EB
+                    h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9
+                    h = (h ^ (h >> 27)) * 0x94D049BB133111EB
+                    h = h ^ (h >> 31)
+                    u = ((h >> 40).to(tl.float32) + 0.5) * (1.0 / 16777216)
+                    score = tl.where(ok, scaled - tl.log(-tl.log(u)), -float("inf"))
+                else:
+                    scaled = x
+                    score = x
+                top = tl.max(score, axis=0)
+                at = tl.argmax(score, axis=0)  # the first of equal maxima, as torch's argmax
+                take = top > best  # strictly: an earlier chunk keeps a tie
+                best_i = tl.where(take, start + at, best_i)
+                best = tl.where(take, top, best)
+                if WANT_LP:
+                    m_new = tl.maximum(m, tl.max(scaled, axis=0))
+                    total = total * tl.exp(m - m_new) + tl.sum(tl.exp(scaled - m_new), axis=0)
+                    m = m_new
+            tl.store(tok_ptr + row, best_i)
+            if WANT_LP:
+                x_best = tl.load(x_ptr + row * s_x + best_i).to(tl.float32)
+                if SAMPLE:
+                    x_best = x_best * inv_t
+                tl.store(lp_ptr + row, x_best - (m + tl.log(total)))
+
+        _KERNEL = pick_one_row
+    return _KERNEL
+
+
+def pick_kernel(logits: torch.Tensor, keys: torch.Tensor, t: torch.Tensor, temperature: float | None,
+                want_logp: bool, vterm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`pick` as one Triton kernel (CUDA, or CPU under Triton's interpreter); `vterm` is not needed."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    rows, vocab = logits.shape
+    tok = torch.empty(rows, dtype=torch.long, device=logits.device)
+    lp = torch.empty(rows, dtype=torch.float32, device=logits.device) if want_logp else tok
+    # CUDA's eager `logits / T` multiplies by the fp32 reciprocal of T; so does the kernel.
+    inv_t = 1.0 if temperature is None else float(np.float32(1.0) / np.float32(temperature))
+    if rows:
+        _kernel()[(rows,)](logits, keys.contiguous(), t.contiguous(), tok, lp, logits.stride(0), vocab, inv_t,
+                           SAMPLE=temperature is not None, WANT_LP=want_logp, BLOCK=_BLOCK, num_warps=8)
+    return tok, (lp if want_logp else None)
 
 
 def question_key(seed: int, question_id: str) -> int:

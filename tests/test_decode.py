@@ -68,7 +68,7 @@ def test_greedy_matches_generate_with_refill(setup, kernel):
     assert any(len(r) < 12 for r in ref) and any(len(r) == 12 for r in ref)
     dec = Decoder(model, 0, stops, slots=2, sampler_kernel=kernel)
     out = dec.run(seqs, 12, want_logps=True)
-    assert dec.stats["sampler_kernel"] == kernel
+    assert dec.stats["sampler"] == ("kernel" if kernel else "eager")
     assert [o[0].tokens for o in out] == ref
     assert dec.stats["admissions"] > 1
     # log-probs are those of the greedy tokens
@@ -122,6 +122,22 @@ def test_pick_kernel_draws_as_pick():
     assert pick_kernel(logits, keys, t, None, False)[0][:2].tolist() == [100, 5]
     sampled = {tuple(pick_kernel(logits, keys, t + s, 1.0, False)[0].tolist()) for s in range(3)}
     assert len(sampled) == 3  # the step index moves the noise
+
+
+def test_pick_kernel_is_checked_before_use(monkeypatch):
+    """The decoder's default sampler: the kernel where it builds and draws as `pick`, else `pick` compiled."""
+    if not in_triton_interpreter(f"{HERE}::test_pick_kernel_is_checked_before_use"):
+        return
+    import kb.engine.noise as noise
+
+    cpu = torch.device("cpu")
+    assert noise.pick_kernel_problem(cpu, 300) is None and noise.pick_kernel_problem(cpu, 300, torch.bfloat16) is None
+    monkeypatch.setattr(noise, "_KERNEL_PROBLEM", {})
+    monkeypatch.setattr(noise, "pick_kernel", lambda logits, *a: (logits.float().argmin(-1), torch.zeros(len(logits))))
+    assert "differ" in noise.pick_kernel_problem(cpu, 300)
+    monkeypatch.setattr(noise, "_KERNEL_PROBLEM", {})
+    monkeypatch.setattr(noise, "pick_kernel", lambda *a: 1 / 0)
+    assert noise.pick_kernel_problem(cpu, 300) == "division by zero"
 
 
 def test_answer_end_rule_on_device(setup):
@@ -226,3 +242,19 @@ def test_evaluation_replies_through_the_decoder_match_the_cpu_path(tiny_lm):
         assert a["reply"] == b["reply"] and a["pred"] == b["pred"]
         assert a["letter_probs"] == pytest.approx(b["letter_probs"], abs=1e-5)
         assert a["sure_prob"] == pytest.approx(b["sure_prob"], abs=1e-4)
+
+
+def test_sampler_falls_back_to_compiled_pick(setup, monkeypatch):
+    """Where the kernel fails its check the decoder says so once and compiles `pick` (greedy steps stay eager)."""
+    import kb.engine.graph as graph
+    from kb.engine.noise import CompiledPick
+
+    tok, model, seqs = setup
+    monkeypatch.setattr(graph, "pick_kernel_available", lambda device: True)
+    monkeypatch.setattr(graph, "pick_kernel_problem", lambda device, vocab, dtype: "it broke")
+    with pytest.warns(UserWarning, match="sampler kernel is not used \\(it broke\\)"):
+        dec = Decoder(model, 0, [2], slots=2)
+    assert isinstance(dec._pick, CompiledPick)
+    out = dec.run(seqs, 8, want_logps=True)
+    assert [o[0].tokens for o in out] == [o[0].tokens for o in Decoder(model, 0, [2], slots=2).run(seqs, 8)]
+    assert dec.stats["sampler"] == "compiled"

@@ -254,7 +254,7 @@ class Decoder(StepGraph):
         self.stats = {"slots": g, "rows": g * n, "steps": steps, "admissions": admitted, "prompt_width": p,
                       "graph": self.graphs, "fused_attention": self.fused, "flash_attention": self.flash,
                       "own_kernel": self.own_kernel, "fused_layers": self.fusion.on,
-                      "sampler_kernel": self._pick is not pick,
+                      "sampler": self.sampler,
                       "prefill_s": round(t_prefill, 3), "first_step_s": round(t_first, 3),
                       "other_steps_s": round(total - t_prefill - t_first, 3)}
         return replies

@@ -61,7 +61,9 @@ def _kernels() -> dict[str, Any]:
         a = (g / (1.0 + tl.exp(-g))).to(o_ptr.dtype.element_ty).to(tl.float32)  # silu rounds, then the product
         tl.store(o_ptr + i, (a * u).to(o_ptr.dtype.element_ty), mask=ok)
 
-    @triton.jit
+    # `seq` and `heads` only bound loops and masks: unspecialised, one build serves decoding (seq 1) and
+    # every prefill width, instead of one per value class (1, multiples of 16, the rest).
+    @triton.jit(do_not_specialize=["seq", "heads"])
     def rope_kernel(x_ptr, c_ptr, s_ptr, o_ptr, seq, heads, s_xb, s_xh, s_xs, s_ob, s_oh, s_os, s_cb, s_cs,
                     s_sb, s_ss, HALF: tl.constexpr, BLOCK: tl.constexpr, HB: tl.constexpr):
         tok = tl.program_id(0).to(tl.int64)

@@ -19,7 +19,7 @@ import torch
 from kb.engine.attention import decoder_stack, flash_supported, register_attention
 from kb.engine.fused import Fusion, fused_layers
 from kb.engine.memory import usable_cuda_bytes
-from kb.engine.noise import pick, pick_kernel, pick_kernel_available, vocab_term
+from kb.engine.noise import CompiledPick, pick, pick_kernel, pick_kernel_available, pick_kernel_problem, vocab_term
 from kb.engine.own_attention import triton_available
 from kb.engine.step import (
     DECODE_ATTN,
@@ -40,8 +40,8 @@ class StepGraph:
     attention kernel: flash attention over the used keys in half precision (`flash`, default: where
     supported; `own_kernel` (default where Triton runs): its own half, this step's key/value write and the
     merge through kb.engine.own_attention's kernel), else the memory-efficient kernel over whole masked buffers (fp32);
-    `sampler_kernel` (default: where Triton runs on CUDA; True also forces it off CUDA, for Triton's
-    interpreter) draws through kb.engine.noise's Triton kernel; `fused_kernels` (default: where
+    `sampler_kernel` (default: on CUDA where it builds and draws as `pick`, else `pick` compiled; True also
+    forces it off CUDA, for Triton's interpreter) draws through kb.engine.noise's Triton kernel; `fused_kernels` (default: where
     kb.engine.fused supports the model) runs the layers' element-wise work as kb.engine.fused's kernels.
     """
 
@@ -57,8 +57,18 @@ class StepGraph:
         cuda = self.device.type == "cuda"
         self.graphs = cuda if graphs is None else graphs
         self.fused = cuda if fused is None else fused
-        use_kernel = pick_kernel_available(self.device) if sampler_kernel is None else sampler_kernel
-        self._pick: Any = pick_kernel if use_kernel else pick  # noise + Gumbel-max (or argmax): one launch
+        self._pick: Any = pick
+        if sampler_kernel:  # forced (also off CUDA, for Triton's interpreter)
+            self._pick = pick_kernel
+        elif sampler_kernel is None and pick_kernel_available(self.device):  # one launch, where it builds
+            head = model.get_output_embeddings().weight
+            problem = pick_kernel_problem(self.device, head.shape[0], head.dtype)
+            if problem is None:
+                self._pick = pick_kernel
+            else:
+                warnings.warn(f"kb.engine.graph: the sampler kernel is not used ({problem}); compiling the "
+                              "sampler instead", stacklevel=2)
+                self._pick = CompiledPick()
         self.memory_fraction = 0.7  # of free memory for the buffers (the step's temporaries are counted in)
         cfg = text_config(model)
         self.layers = cfg.num_hidden_layers
@@ -69,6 +79,11 @@ class StepGraph:
         can_flash = self.fused and flash_supported(self.device, self.dtype, self.head_dim)
         self.flash = can_flash if flash is None else (flash and can_flash)
         self.own_kernel = bool(own_kernel) and self.flash and triton_available(self.device, self.head_dim)
+
+    @property
+    def sampler(self) -> str:
+        """Which sampler the steps use: "kernel" (kb.engine.noise's Triton kernel), "compiled" or "eager"."""
+        return "kernel" if self._pick is pick_kernel else "compiled" if isinstance(self._pick, CompiledPick) else "eager"
 
     # -------------------------------------------------------------- sizing
 

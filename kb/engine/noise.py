@@ -85,22 +85,60 @@ def pick_kernel_available(device: torch.device) -> bool:
     return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
+_KERNEL_PROBLEM: dict[tuple[str, int, torch.dtype], str | None] = {}
+
+
+def pick_kernel_problem(device: torch.device, vocab: int, dtype: torch.dtype = torch.float32) -> str | None:
+    """Why `pick_kernel` should not be used on this device (it fails to build, or its draws are not `pick`'s on
+    64 rows of random logits, sampled and greedy), or None. Checked once per device, vocabulary size and
+    logits dtype (the one the decoder will pass: the check's build is the one it reuses)."""
+    at = (str(device), vocab, dtype)
+    if at not in _KERNEL_PROBLEM:
+        g = torch.Generator(device=device).manual_seed(0)
+        logits = (torch.randn(64, vocab, generator=g, device=device) * 4).to(dtype)
+        keys = torch.randint(-2**62, 2**62, (64,), generator=g, device=device)
+        t = torch.arange(64, device=device) % 9 + 1
+        problem = None
+        try:
+            for temperature in (None, 1.0):
+                (a, la), (b, lb) = (f(logits, keys, t, temperature, True) for f in (pick, pick_kernel))
+                if int((a != b).sum()) > 1 or float((la - lb).abs().max()) > 1e-3:  # a tie within rounding: 1 row
+                    problem = f"its draws differ from kb.engine.noise.pick's (T={temperature})"
+                    break
+        except Exception as err:  # noqa: BLE001  (a Triton that cannot build it here)
+            problem = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        _KERNEL_PROBLEM[at] = problem
+    return _KERNEL_PROBLEM[at]
+
+
+class CompiledPick:
+    """The sampler where the kernel cannot run: `pick` through torch.compile for sampling (the noise and the
+    Gumbel-max fused), eager `pick` for greedy steps (an argmax needs no noise)."""
+
+    def __init__(self) -> None:
+        self._compiled = torch.compile(pick, dynamic=True)
+
+    def __call__(self, logits: torch.Tensor, keys: torch.Tensor, t: torch.Tensor, temperature: float | None,
+                 want_logp: bool, vterm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        fn = pick if temperature is None else self._compiled
+        return fn(logits, keys, t, temperature, want_logp, vterm)
+
+
 def _kernel() -> Any:
     global _KERNEL
     if _KERNEL is None:
         import triton
         import triton.language as tl
 
-
         @triton.jit
-        def pick_one_row(x_ptr, keys_ptr, t_ptr, tok_ptr, lp_ptr, s_x, vocab, inv_t,
-                         SAMPLE: tl.constexpr, WANT_LP: tl.constexpr, BLOCK: tl.constexpr):
+        def pick_one_row(x_ptr, keys_ptr, t_ptr, tok_ptr, lp_ptr, s_x, vocab, inv_t, BLOCK: tl.constexpr):
+            # One build for greedy (inv_t 0) and sampled steps, with the log-prob always: a run compiles once.
             row = tl.program_id(0).to(tl.int64)
-            base = tl.zeros([], dtype=tl.uint64)
-            if SAMPLE:  # splitmix64 of key * C1 + t * C2 + token * C3, as uniform_noise
-                key = tl.load(keys_ptr + row).to(tl.uint64, bitcast=True)
-                t = tl.load(t_ptr + row).to(tl.uint64, bitcast=True)
-                base += key * 0x9E3779B97F4A7C15 + t * 0xBF58476D1CE4E5B9
+            sample = inv_t > 0
+            scale = tl.where(sample, inv_t, 1.0)
+            key = tl.load(keys_ptr + row).to(tl.uint64, bitcast=True)
+            t = tl.load(t_ptr + row).to(tl.uint64, bitcast=True)
+            base = key * 0x9E3779B97F4A7C15 + t * 0xBF58476D1CE4E5B9  # splitmix64's counter, as uniform_noise
             best = tl.full([], -float("inf"), tl.float32)
             best_i = tl.zeros([], dtype=tl.int64)
             m = tl.full([], -float("inf"), tl.float32)
@@ -108,9 +146,8 @@ def _kernel() -> Any:
             for start in range(0, vocab, BLOCK):
                 v = start + tl.arange(0, BLOCK)
                 ok = v < vocab
-                x = tl.load(x_ptr + row * s_x + v, mask=ok, other=-float("inf")).to(tl.float32)
-                if SAMPLE:
-                    scaled = x * inv_t
+                scaled = tl.load(x_ptr + row * s_x + v, mask=ok, other=-float("inf")).to(tl.float32) * scale
+                if sample:
                     h = base + v.to(tl.uint64) * 0x94D049BB133111EB
                     h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9
                     h = (h ^ (h >> 27)) * 0x94D049BB133111EB
@@ -118,23 +155,18 @@ def _kernel() -> Any:
                     u = ((h >> 40).to(tl.float32) + 0.5) * (1.0 / 16777216)
                     score = tl.where(ok, scaled - tl.log(-tl.log(u)), -float("inf"))
                 else:
-                    scaled = x
-                    score = x
+                    score = scaled
                 top = tl.max(score, axis=0)
                 at = tl.argmax(score, axis=0)  # the first of equal maxima, as torch's argmax
                 take = top > best  # strictly: an earlier chunk keeps a tie
                 best_i = tl.where(take, start + at, best_i)
                 best = tl.where(take, top, best)
-                if WANT_LP:
-                    m_new = tl.maximum(m, tl.max(scaled, axis=0))
-                    total = total * tl.exp(m - m_new) + tl.sum(tl.exp(scaled - m_new), axis=0)
-                    m = m_new
+                m_new = tl.maximum(m, tl.max(scaled, axis=0))  # online log-sum-exp of the scaled logits
+                total = total * tl.exp(m - m_new) + tl.sum(tl.exp(scaled - m_new), axis=0)
+                m = m_new
             tl.store(tok_ptr + row, best_i)
-            if WANT_LP:
-                x_best = tl.load(x_ptr + row * s_x + best_i).to(tl.float32)
-                if SAMPLE:
-                    x_best = x_best * inv_t
-                tl.store(lp_ptr + row, x_best - (m + tl.log(total)))
+            x_best = tl.load(x_ptr + row * s_x + best_i).to(tl.float32) * scale
+            tl.store(lp_ptr + row, x_best - (m + tl.log(total)))
 
         _KERNEL = pick_one_row
     return _KERNEL
@@ -147,12 +179,12 @@ def pick_kernel(logits: torch.Tensor, keys: torch.Tensor, t: torch.Tensor, tempe
         logits = logits.contiguous()
     rows, vocab = logits.shape
     tok = torch.empty(rows, dtype=torch.long, device=logits.device)
-    lp = torch.empty(rows, dtype=torch.float32, device=logits.device) if want_logp else tok
-    # CUDA's eager `logits / T` multiplies by the fp32 reciprocal of T; so does the kernel.
-    inv_t = 1.0 if temperature is None else float(np.float32(1.0) / np.float32(temperature))
+    lp = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    # CUDA's eager `logits / T` multiplies by the fp32 reciprocal of T; so does the kernel (0: greedy).
+    inv_t = 0.0 if temperature is None else float(np.float32(1.0) / np.float32(temperature))
     if rows:
         _kernel()[(rows,)](logits, keys.contiguous(), t.contiguous(), tok, lp, logits.stride(0), vocab, inv_t,
-                           SAMPLE=temperature is not None, WANT_LP=want_logp, BLOCK=_BLOCK, num_warps=8)
+                           BLOCK=_BLOCK, num_warps=8)
     return tok, (lp if want_logp else None)
 
 

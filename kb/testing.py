@@ -77,13 +77,15 @@ def torchrun(script: str, args: list[Any], nproc: int = 2) -> Any:
 TRITON_INTERPRETER_DIR = REPO_ROOT / ".venv" / "triton-interpreter"  # scripts/setup.sh installs Triton here
 
 
-def triton_interpreter_env() -> dict[str, str] | None:
-    """The environment in which Triton kernels run on CPU through Triton's interpreter (TRITON_INTERPRET=1):
-    Triton from scripts/setup.sh's side directory (kept off the venv's path, where libraries would start
-    using it), else an installed one; None where there is neither."""
+def triton_interpreter_env(interpret: bool = True) -> dict[str, str] | None:
+    """The environment in which Triton kernels run on CPU through Triton's interpreter (TRITON_INTERPRET=1;
+    `interpret` False: Triton's compiler, which builds for a GPU it does not need): Triton from
+    scripts/setup.sh's side directory (kept off the venv's path, where libraries would start using it), else
+    an installed one; None where there is neither."""
     import importlib.util
 
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update({"TRITON_INTERPRET": "1"} if interpret else {"KB_TRITON_BUILD": "1"})
     if TRITON_INTERPRETER_DIR.is_dir():
         paths = [str(TRITON_INTERPRETER_DIR), str(REPO_ROOT), env.get("PYTHONPATH", "")]
         env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
@@ -92,19 +94,25 @@ def triton_interpreter_env() -> dict[str, str] | None:
     return env
 
 
-def in_triton_interpreter(nodeid: str) -> bool:
+def in_triton_interpreter(nodeid: str, interpret: bool = True) -> bool:
     """For a test of Triton kernels: True inside the interpreter run (the test then does its checks);
     otherwise run test `nodeid` ("tests/file.py::name") in a subprocess under the interpreter, fail if it
     fails, and return False. Skips where no Triton is to be had (Triton reads TRITON_INTERPRET once, at import,
-    so the interpreter needs its own process)."""
+    so the interpreter needs its own process). `interpret` False: the same with Triton's compiler instead
+    (`in_triton_compiler`)."""
     import pytest
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if os.environ.get("TRITON_INTERPRET" if interpret else "KB_TRITON_BUILD") == "1":
         return True
-    env = triton_interpreter_env()
+    env = triton_interpreter_env(interpret)
     if env is None:
         pytest.skip("Triton is not installed (scripts/setup.sh puts it in .venv/triton-interpreter)")
     run = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", str(REPO_ROOT / nodeid)],
                          env=env, capture_output=True, text=True, cwd=REPO_ROOT)
     assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
     return False
+
+
+def in_triton_compiler(nodeid: str) -> bool:
+    """in_triton_interpreter's counterpart for tests that build kernels ahead of time (no GPU needed)."""
+    return in_triton_interpreter(nodeid, interpret=False)

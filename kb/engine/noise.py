@@ -8,9 +8,10 @@ On CUDA the decoder draws through `pick_kernel`: one Triton program per row read
 in chunks, and keeps the running Gumbel-max and log-sum-exp, so a step's sampling is one launch and one read
 of the logits. It replaces a `torch.compile` of `pick` whose first use cost seconds of compiling on every new
 machine (the real SmolLM2's probe: 12.3 s cold against 7.9 s warm, bench/README.md v6); a Triton kernel
-compiles in about a second and is cached on disk. Same noise, same draw as `pick` up to float rounding
-(the scaled logit and the Gumbel term may be fused into one rounding): tested on CPU through Triton's
-interpreter and on a GPU by bench/decode_check.py.
+builds like kb's other kernels and is cached on disk. Same noise, same draw as `pick` up to float rounding
+(the scaled logit and the Gumbel term may be fused into one rounding): its math is tested on CPU through
+Triton's interpreter, its build for sm_80/sm_90 by tests/test_kernel_builds.py, and on a GPU it is compared
+with `pick` by bench/decode_check.py and, once per process, by `pick_kernel_problem` before the decoder uses it.
 """
 
 from __future__ import annotations

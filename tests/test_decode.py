@@ -183,7 +183,7 @@ def test_flash_path_reads_the_used_keys_only(setup, monkeypatch, own_kernel):
             return
         monkeypatch.setattr(graph, "triton_available", lambda *a: True)
     tok, model, seqs = setup
-    monkeypatch.setattr(graph, "flash_supported", lambda *a: True)
+    monkeypatch.setattr(graph, "model_flash_supported", lambda *a: True)
     monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", _varlen_flash, raising=False)
     _varlen_flash.calls = 0
     keys = [50 + q for q in range(len(seqs))]
@@ -250,7 +250,7 @@ def test_sampler_falls_back_to_compiled_pick(setup, monkeypatch):
     from kb.engine.noise import CompiledPick
 
     tok, model, seqs = setup
-    monkeypatch.setattr(graph, "pick_kernel_available", lambda device: True)
+    monkeypatch.setattr(graph, "triton_runs", lambda device: True)
     monkeypatch.setattr(graph, "pick_kernel_problem", lambda device, vocab, dtype: "it broke")
     with pytest.warns(UserWarning, match="sampler kernel is not used \\(it broke\\)"):
         dec = Decoder(model, 0, [2], slots=2)

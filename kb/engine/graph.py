@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from kb.engine.attention import decoder_stack, flash_supported, register_attention
+from kb.engine.attention import decoder_stack, model_flash_supported, register_attention
 from kb.engine.fused import Fusion, fused_layers
 from kb.engine.memory import usable_cuda_bytes
-from kb.engine.noise import CompiledPick, pick, pick_kernel, pick_kernel_available, pick_kernel_problem, vocab_term
-from kb.engine.own_attention import triton_available
+from kb.engine.noise import CompiledPick, pick, pick_kernel, pick_kernel_problem, vocab_term
+from kb.engine.own_attention import triton_available, triton_runs
 from kb.engine.step import (
     DECODE_ATTN,
     FlashIndex,
@@ -60,7 +60,7 @@ class StepGraph:
         self._pick: Any = pick
         if sampler_kernel:  # forced (also off CUDA, for Triton's interpreter)
             self._pick = pick_kernel
-        elif sampler_kernel is None and pick_kernel_available(self.device):  # one launch, where it builds
+        elif sampler_kernel is None and triton_runs(self.device):  # one launch, where it builds
             head = model.get_output_embeddings().weight
             problem = pick_kernel_problem(self.device, head.shape[0], head.dtype)
             if problem is None:
@@ -76,7 +76,7 @@ class StepGraph:
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.vocab = model.get_output_embeddings().weight.shape[0]
-        can_flash = self.fused and flash_supported(self.device, self.dtype, self.head_dim)
+        can_flash = self.fused and model_flash_supported(model)
         self.flash = can_flash if flash is None else (flash and can_flash)
         self.own_kernel = bool(own_kernel) and self.flash and triton_available(self.device, self.head_dim)
 

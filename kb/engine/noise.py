@@ -17,7 +17,6 @@ with `pick` by bench/decode_check.py and, once per process, by `pick_kernel_prob
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from typing import Any
 
 import numpy as np
@@ -79,11 +78,6 @@ def pick(logits: torch.Tensor, keys: torch.Tensor, t: torch.Tensor, temperature:
 
 _KERNEL: Any = None
 _BLOCK = 2048  # logits per chunk: 8 KB of fp32 per program, a few chunks for a 32-128 k vocabulary
-
-
-def pick_kernel_available(device: torch.device) -> bool:
-    """Whether `pick_kernel` can run here: CUDA with Triton installed."""
-    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
 _KERNEL_PROBLEM: dict[tuple[str, int, torch.dtype], str | None] = {}

@@ -24,10 +24,14 @@ import torch
 _KERNEL: Any = None
 
 
+def triton_runs(device: torch.device) -> bool:
+    """Whether kb's Triton kernels can run on `device`: CUDA with Triton installed."""
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
 def triton_available(device: torch.device, head_dim: int) -> bool:
     """Whether the kernel can run here: CUDA, Triton installed, a power-of-two head size."""
-    return (device.type == "cuda" and head_dim >= 16 and head_dim & (head_dim - 1) == 0
-            and importlib.util.find_spec("triton") is not None)
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and triton_runs(device)
 
 
 def _kernel() -> Any:

@@ -131,6 +131,20 @@ def model_label(name: str, adapter: str | None = None) -> str:
     return slug(str(repo_path(adapter))) if adapter else resolve_model(name)[1]
 
 
+def _start_prebuild(source: Path | str, device: str, dtype: str, trust_remote_code: bool, revision: str | None) -> Any:
+    """kb.engine.prebuild's background kernel builds for this model's config where kb's kernels run (CUDA
+    with Triton), else None: they overlap the tokenizer and weight loading."""
+    from transformers import AutoConfig
+
+    from kb.engine.prebuild import start_prebuild
+
+    def config() -> Any:
+        cfg = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+        return getattr(cfg, "text_config", None) or cfg
+
+    return start_prebuild(config, device, _torch_dtype(dtype))
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     device: str | None = None,
@@ -168,6 +182,7 @@ def load_model(
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    prebuild = None if for_training else _start_prebuild(source, device, dtype, trust_remote_code, revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(
@@ -207,6 +222,8 @@ def load_model(
     model.to(device)
     if not for_training:
         model.eval().requires_grad_(False)
+    if prebuild is not None:
+        prebuild.wait()  # before any caller launches (or captures) on the device
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=base_name if adapter else name, label=label,
         source=str(source), fingerprint=fingerprint, device=device, dtype=dtype, adapter=adapter,

@@ -11,6 +11,7 @@
                noise, step: its sampling and the step's attention and stop rule; own_attention: the
                Triton kernel of the step's own half (on CUDA)
     fused      Triton kernels for the Llama family's RMSNorm, RoPE and SiLU·up (CUDA: the decoder, the scorer)
+    prebuild   those kernels built in background threads while kb.models.load_model loads the weights
     driver     run_batches: the resumable, sharded batched pass every stage runs its callback in
 
 The stages (kb.probe, kb.state, kb.evaluate) import from here only.

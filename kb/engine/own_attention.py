@@ -40,7 +40,9 @@ def _kernel() -> Any:
         import triton
         import triton.language as tl
 
-        @triton.jit
+        # s_lh (the row count: flash attention's log-sum-exps are [H, B]) only addresses one scalar a program:
+        # unspecialised, one build serves every batch size instead of one per class of value (1, 16k, other).
+        @triton.jit(do_not_specialize=["s_lh"])
         def own_half_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, o_ptr, used_ptr,
                             s_qb, s_qh, s_nb, s_nh, s_kb, s_kt, s_kh, s_pb, s_ph, s_lh, s_ob, s_oh,
                             rep, scale, D: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -125,7 +127,7 @@ def _merge_kernel() -> Any:
         import triton
         import triton.language as tl
 
-        @triton.jit
+        @triton.jit(do_not_specialize=["heads", "s_lah", "s_lbh"])  # the token count: one build for all
         def lse_merge_kernel(a_ptr, b_ptr, la_ptr, lb_ptr, o_ptr, heads, s_at, s_ah, s_bt, s_bh, s_lah, s_lat, s_lbh,
                              s_lbt, s_ot, s_oh, D: tl.constexpr, HB: tl.constexpr):
             t = tl.program_id(0).to(tl.int64)

@@ -41,6 +41,7 @@ from kb.engine import (
     pass_overhead_tokens,
     plan_batches,
 )
+from kb.models import attention_dims
 from kb.prompts import PromptFormat, prompt_for, render
 
 
@@ -311,8 +312,7 @@ def main() -> None:
     limit_s = flops / peak
     # Memory-traffic limit: the weights once per pass kb makes, every token's keys/values written and read once.
     cfg = sub.model.config
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or hidden // cfg.num_attention_heads
+    _, kv_heads, head_dim = attention_dims(cfg)
     itemsize = next(sub.model.parameters()).element_size()
     weights = sum(p.numel() * p.element_size() for p in sub.model.parameters())
     traffic = ours["batches"] * weights + 2 * must * cfg.num_hidden_layers * 2 * kv_heads * head_dim * itemsize

@@ -42,6 +42,7 @@ from kb.engine import (
     use_decoder,
 )
 from kb.engine.own_attention import OWN_HALF_LAUNCH
+from kb.models import attention_dims
 from kb.prompts import PromptFormat, budget_for, prompt_for, render, resolve_chat
 
 
@@ -109,8 +110,7 @@ def limits(sub: common.Subject, seqs: list[list[int]], n: int, max_new: int, pea
     new = q * n * max_new
     head = sub.model.get_output_embeddings().weight.numel()
     flops = 2 * body * (prompt + new) + 2 * head * new
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    _, kv_heads, head_dim = attention_dims(cfg)
     itemsize = next(sub.model.parameters()).element_size()
     kv_tok = cfg.num_hidden_layers * 2 * kv_heads * head_dim * itemsize
     weights = sum(p.numel() * p.element_size() for p in sub.model.parameters())

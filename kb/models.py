@@ -45,6 +45,14 @@ def text_config(model: Any) -> Any:
     return getattr(model.config, "text_config", None) or model.config
 
 
+def attention_dims(cfg: Any) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head size) of a text config: grouped-query configs name their key/value
+    heads (else one per query head); the head size defaults to hidden size / heads."""
+    heads = cfg.num_attention_heads
+    return (heads, getattr(cfg, "num_key_value_heads", None) or heads,
+            getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+
+
 def default_device() -> str:
     import torch
 

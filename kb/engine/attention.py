@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from kb.engine.own_attention import lse_merge, triton_available
-from kb.models import text_config
+from kb.models import attention_dims, text_config
 
 CASCADE = "kb_cascade"  # name under which the cascade attention is registered with transformers
 # Model families whose CausalLM logits are exactly lm_head(last hidden state) and whose attention is
@@ -89,10 +89,8 @@ def flash_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
 
 def model_flash_supported(model: Any) -> bool:
     """flash_supported for `model`'s device, dtype and head size (the cascade scorer's varlen path)."""
-    cfg = text_config(model)
     first = next(model.parameters())
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return flash_supported(first.device, first.dtype, head_dim)
+    return flash_supported(first.device, first.dtype, attention_dims(text_config(model))[2])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from kb.engine.step import (
     decode_step,
     emit_tokens,
 )
-from kb.models import text_config
+from kb.models import attention_dims, text_config
 
 
 class StepGraph:
@@ -72,9 +72,7 @@ class StepGraph:
         self.memory_fraction = 0.7  # of free memory for the buffers (the step's temporaries are counted in)
         cfg = text_config(model)
         self.layers = cfg.num_hidden_layers
-        self.heads = cfg.num_attention_heads
-        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.heads, self.kv_heads, self.head_dim = attention_dims(cfg)
         self.vocab = model.get_output_embeddings().weight.shape[0]
         can_flash = self.fused and model_flash_supported(model)
         self.flash = can_flash if flash is None else (flash and can_flash)

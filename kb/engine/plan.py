@@ -19,7 +19,7 @@ import numpy as np
 from kb.engine.attention import cascade_supported, model_flash_supported
 from kb.engine.decode import use_decoder
 from kb.engine.memory import usable_cuda_bytes
-from kb.models import LoadedModel, text_config
+from kb.models import LoadedModel, attention_dims, text_config
 
 MIN_SHARED_PREFIX = 8  # tokens; below this a prefix cache is not worth its bookkeeping
 BATCH_OVERHEAD_TOKENS = 256  # least fixed cost of one forward pass, in padded tokens; the planner trades the two
@@ -144,8 +144,7 @@ def token_bytes(cfg: Any, itemsize: int, generation: bool, decoder: bool = False
     free memory (kb.engine.graph.fitting_slots), so its batches are cut by keys/values and activations only:
     SmolLM2's ParaRel probe then runs in 2 batches instead of 10, each paying a graph capture and a tail."""
     layers = getattr(cfg, "num_hidden_layers", 32)
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", 32)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    _, kv_heads, head_dim = attention_dims(cfg)
     inter = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
     kv_layer = 2 * kv_heads * head_dim * itemsize  # keys + values of one token in one layer
     act = 16 * cfg.hidden_size + 8 * inter  # the live activations of one token in one layer (bf16 + fp32 temps)

@@ -25,26 +25,20 @@ from kb.engine.attention import flash_supported
 from kb.engine.fused import FUSED_MODEL_TYPES, rms_norm, rope, silu_mul
 from kb.engine.noise import pick_kernel_problem
 from kb.engine.own_attention import lse_merge, own_half_merged, triton_available, triton_runs
+from kb.models import attention_dims
 
 _ROWS = 16  # rows of the stand-in tensors: a multiple of 16, as the real row counts mostly are
-
-
-def _dims(cfg: Any) -> dict[str, int]:
-    heads = cfg.num_attention_heads
-    return dict(hidden=cfg.hidden_size, inter=getattr(cfg, "intermediate_size", 0) or 0, heads=heads,
-                kv=getattr(cfg, "num_key_value_heads", None) or heads,
-                d=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, vocab=cfg.vocab_size)
 
 
 def kernel_launches(cfg: Any, device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], Any]]:
     """The kernels a model of text config `cfg` in `dtype` will launch on `device` (by the same rules the
     decoder, the scorer and kb.engine.fused apply), each as a function that launches it on stand-ins."""
-    n = _dims(cfg)
-    hidden, heads, kv, d = n["hidden"], n["heads"], n["kv"], n["d"]
+    hidden, inter = cfg.hidden_size, getattr(cfg, "intermediate_size", 0) or 0
+    heads, kv, d = attention_dims(cfg)
     z = lambda *shape, dt=dtype: torch.zeros(shape, dtype=dt, device=device)  # noqa: E731
     calls: dict[str, Callable[[], Any]] = {}
     # The sampler (every decoding step): the decoder's check runs it greedy and sampled, and is then cached.
-    calls["sampler"] = lambda: pick_kernel_problem(device, n["vocab"], dtype)
+    calls["sampler"] = lambda: pick_kernel_problem(device, cfg.vocab_size, dtype)
     if getattr(cfg, "model_type", None) in FUSED_MODEL_TYPES and getattr(cfg, "hidden_act", None) == "silu":
         eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
 
@@ -55,8 +49,8 @@ def kernel_launches(cfg: Any, device: torch.device, dtype: torch.dtype) -> dict[
                     rope(x, z(2, seq, d), z(2, seq, d))
 
         calls["rms_norm"] = lambda: rms_norm(z(_ROWS, hidden), z(hidden), eps)
-        if n["inter"]:
-            calls["silu_mul"] = lambda: silu_mul(z(_ROWS, n["inter"]), z(_ROWS, n["inter"]))
+        if inter:
+            calls["silu_mul"] = lambda: silu_mul(z(_ROWS, inter), z(_ROWS, inter))
         calls["rope"] = ropes
     if flash_supported(device, dtype, d) and triton_available(device, d):
         def own_half() -> None:  # the decoding step's own half, with its real strides
